@@ -1,0 +1,113 @@
+"""The LLaMA shape, read from a HuggingFace or TensorRT-LLM `config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Sizes and hyper-parameters of one LLaMA-family model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    architecture: str = "LlamaForCausalLM"
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert self.num_attention_heads % self.num_key_value_heads == 0, (
+            f"{self.num_attention_heads} attention heads are not a multiple of "
+            f"{self.num_key_value_heads} KV heads")
+        assert self.hidden_act == "silu", f"only SwiGLU (silu) LLaMAs are supported, got {self.hidden_act!r}"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Build from the fields of a HuggingFace LlamaConfig dict."""
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=_hf_rope_theta(hf),
+            rope_scaling=_hf_rope_scaling(hf),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            architecture=(hf.get("architectures") or ["LlamaForCausalLM"])[0],
+            dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_as_list(eos),
+        )
+
+    @classmethod
+    def from_trtllm(cls, trt: dict) -> "ModelConfig":
+        """Build from a TensorRT-LLM unified checkpoint `config.json`."""
+        heads = trt["num_attention_heads"]
+        return cls(
+            vocab_size=trt["vocab_size"],
+            hidden_size=trt["hidden_size"],
+            intermediate_size=trt["intermediate_size"],
+            num_hidden_layers=trt["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=trt.get("num_key_value_heads") or heads,
+            head_dim=trt.get("head_size") or trt["hidden_size"] // heads,
+            rms_norm_eps=trt.get("norm_epsilon", 1e-5),
+            rope_theta=trt.get("rotary_base", 10000.0),
+            rope_scaling=trt.get("rotary_scaling"),
+            max_position_embeddings=trt.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(trt.get("tie_word_embeddings", False)),
+            hidden_act=trt.get("hidden_act", "silu"),
+            architecture=trt.get("architecture", "LlamaForCausalLM"),
+            dtype=trt.get("dtype", "float32"),
+            bos_token_id=trt.get("bos_token_id"),
+            eos_token_id=_as_list(trt.get("eos_token_id")),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        """Read `config.json` of either format (a TRT-LLM one has a `mapping`)."""
+        data = json.loads((Path(path) / "config.json").read_text())
+        return cls.from_trtllm(data) if "mapping" in data else cls.from_hf(data)
+
+
+def _hf_rope_theta(hf: dict) -> float:
+    # transformers >= 5 nests rope settings in `rope_parameters`; older ones use top-level keys.
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _hf_rope_scaling(hf: dict) -> dict | None:
+    """The rope scaling dict with `rope_type` set, or None for plain RoPE."""
+    scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    if rope_type == "default":
+        return None
+    return {"rope_type": rope_type, **scaling}
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,66 @@
+"""Engine configuration: one validated dataclass per concern, passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Paged KV cache: block size and how much memory the blocks may take."""
+
+    block_size: int = 16
+    # Bytes for the KV cache on CPU; on CUDA, None means "a fraction of free memory".
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    num_blocks: int | None = None  # overrides the memory budget (tests use tiny pools)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, (
+            f"block_size must be a power of two, got {self.block_size}")
+        assert 0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"
+        assert self.num_blocks is None or self.num_blocks > 0, "num_blocks must be positive"
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """In-flight batching limits: tokens per step, sequences per step, context length."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int = 8192
+    max_waiting: int = 1024  # beyond this, new requests are refused (HTTP 429)
+
+    def __post_init__(self) -> None:
+        assert self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"
+        assert self.max_num_seqs > 0, "max_num_seqs must be positive"
+        assert self.max_model_len > 0, "max_model_len must be positive"
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    """Where and in which precision the model runs."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    enforce_eager: bool = False  # CUDA only: no CUDA graphs
+
+    def __post_init__(self) -> None:
+        assert self.dtype in ("float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs besides the model weights."""
+
+    model: str = "default"
+    cache: CacheConfig | None = None
+    scheduler: SchedulerConfig | None = None
+    device: DeviceConfig | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.cache = self.cache or CacheConfig()
+        self.scheduler = self.scheduler or SchedulerConfig()
+        self.device = self.device or DeviceConfig()

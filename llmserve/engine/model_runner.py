@@ -1,0 +1,161 @@
+"""Turns a SchedulerOutput into flat batch tensors, runs the model and samples.
+
+Owns the model, the KV cache (one preallocated tensor, views per layer) and the
+sampler. One device-to-host transfer of sampled ids (and logprobs) per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.config import CacheConfig, DeviceConfig
+from llmserve.engine.sampler import Sampler
+from llmserve.engine.scheduler import SchedulerOutput
+from llmserve.engine.sequence import Sequence
+from llmserve.ops.attention import AttentionMetadata
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """One sampled token with its log-probabilities when the request asked for them."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class BatchInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [B_sample]: last token of each sampling sequence
+    order: list[int]  # schedule index of each sequence in batch order (decodes first)
+    sample_seqs: list[Sequence]  # sampling sequences, in batch order
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    """Executes one scheduled step on the model and returns the sampled tokens."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, cache_config: CacheConfig,
+                 device_config: DeviceConfig, num_blocks: int):
+        self.model = model
+        self.config = config
+        self.block_size = cache_config.block_size
+        self.device = torch.device(device_config.device)
+        self.dtype = DTYPES[device_config.dtype]
+        self.num_blocks = num_blocks
+        # [L, 2, N, S, Hkv, D]: one allocation, each layer gets a view
+        self.kv_cache = torch.zeros(
+            config.num_hidden_layers, 2, num_blocks, self.block_size,
+            config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
+        """Run the step; returns one SampledToken per sampling sequence, in schedule order."""
+        batch = self.prepare_inputs(out)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sample_seqs:
+            return []
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
+        sampled = self._sample(logits, batch.sample_seqs)
+        by_seq = dict(zip(map(id, batch.sample_seqs), sampled))
+        return [by_seq[id(seq)] for i, seq in enumerate(out.seqs) if out.samples(i)]
+
+    def prepare_inputs(self, out: SchedulerOutput) -> BatchInputs:
+        """Flatten scheduled sequences (decodes first) into the model's input tensors."""
+        order = sorted(range(len(out.seqs)), key=lambda i: out.num_scheduled_tokens[i] != 1)
+        input_ids, positions, slots, tables = [], [], [], []
+        query_lens, context_lens, logits_indices, sample_seqs = [], [], [], []
+        for i in order:
+            seq, num_new = out.seqs[i], out.num_scheduled_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_at(p) for p in range(start, end))
+            positions.extend(range(start, end))
+            slots.extend(self._slot(seq, p) for p in range(start, end))
+            tables.append(seq.block_table)
+            query_lens.append(num_new)
+            context_lens.append(end)
+            if out.samples(i):
+                logits_indices.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._to_device(_pad(tables), torch.int32),
+            context_lens=self._to_device(context_lens, torch.int32),
+            query_start_loc=self._to_device(_cumsum0(query_lens), torch.int32),
+            num_decodes=num_decodes,
+            max_context_len=max(context_lens),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
+        )
+        return BatchInputs(
+            input_ids=self._to_device(input_ids, torch.int64),
+            positions=self._to_device(positions, torch.int64),
+            meta=meta,
+            logits_indices=self._to_device(logits_indices, torch.int64),
+            order=order,
+            sample_seqs=sample_seqs,
+        )
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        for seq in seqs:
+            if seq.params.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        result = self.sampler(logits, seqs)
+        return _to_host(result, seqs)
+
+
+def _to_host(result, seqs: list[Sequence]) -> list[SampledToken]:
+    # One transfer: pack everything the host needs into a single tensor.
+    token_ids = result.token_ids.tolist() if result.logprobs is None else None
+    if token_ids is not None:
+        return [SampledToken(t) for t in token_ids]
+    parts = [result.token_ids.double().unsqueeze(1), result.logprobs.double().unsqueeze(1)]
+    if result.top_token_ids is not None:
+        parts += [result.top_token_ids.double(), result.top_logprobs.double()]
+    packed = torch.cat(parts, dim=1).cpu().tolist()
+    k = 0 if result.top_token_ids is None else result.top_token_ids.shape[1]
+    tokens = []
+    for row, seq in zip(packed, seqs):
+        token = SampledToken(int(row[0]))
+        if seq.params.logprobs is not None:
+            token.logprob = row[1]
+            n = min(seq.params.logprobs, k)
+            token.top_logprobs = [(int(row[2 + j]), row[2 + k + j]) for j in range(n)]
+        tokens.append(token)
+    return tokens
+
+
+def _pad(tables: list[list[int]]) -> list[list[int]]:
+    width = max(len(t) for t in tables)
+    return [t + [0] * (width - len(t)) for t in tables]
+
+
+def _cumsum0(values: list[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out

@@ -1,0 +1,186 @@
+"""LLaMA over a paged KV cache, for a flat ragged batch of tokens from many sequences.
+
+Legend: T tokens in the step's flat batch, E hidden size, H query heads, Hkv KV heads,
+D head dim, I intermediate size, V vocabulary, N cache blocks, S block size.
+Module names follow the TensorRT-LLM checkpoint (`transformer.layers.{i}.attention.qkv`,
+`mlp.fc` = gate, `mlp.gate` = up, ...), so a converted rank shard loads as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.ops.attention import AttentionMetadata, paged_attention, write_kv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [D/2], with the llama3 or linear scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    assert kind == "default", f"rope scaling {kind!r} is not supported"
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """GPT-NeoX style RoPE from a precomputed cos/sin table indexed by position."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config))  # [P, D/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.float().chunk(2, dim=-1)  # [T, heads, D/2] each
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(positions, q.view(-1, self.num_heads, self.head_dim))  # [T, H, D]
+        k = rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [N, S, Hkv, D] each
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        return self.dense(out.view(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU; gate (TRT `mlp.fc`) and up (TRT `mlp.gate`) run as one GEMM."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        return self.proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, positions, rotary, kv_cache, meta):
+        h = h + self.attention(self.input_layernorm(h), positions, rotary, kv_cache, meta)
+        return h + self.mlp(self.post_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.vocab_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        h = self.vocab_embedding(input_ids)  # [T, E]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, positions, self.rotary, kv_cache, meta)
+        return self.ln_f(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        return self.transformer(input_ids, positions, kv_caches, meta)  # [T, E]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.transformer.vocab_embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)  # [B, V]
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tp=1 TensorRT-LLM-named tensors into the modules; every weight must arrive."""
+        params = dict(self.named_parameters())
+        missing = set(params)
+        for name, tensor in tensors:
+            target, rows = _target_of(name, self.config.intermediate_size)
+            if target == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding already holds it
+            assert target in params, f"unexpected weight {name}"
+            param = params[target]
+            dest = param if rows is None else param[rows]
+            assert dest.shape == tensor.shape, f"{name}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}"
+            dest.copy_(tensor.to(param.dtype))
+            missing.discard(target)
+        assert not missing, f"weights missing from the checkpoint: {sorted(missing)[:5]}"
+
+
+def _target_of(name: str, intermediate_size: int) -> tuple[str, slice | None]:
+    # The fused gate_up parameter holds TRT `mlp.fc` (gate) then `mlp.gate` (up).
+    if name.endswith("mlp.fc.weight"):
+        return name.replace("mlp.fc.weight", "mlp.gate_up.weight"), slice(0, intermediate_size)
+    if name.endswith("mlp.gate.weight"):
+        return name.replace("mlp.gate.weight", "mlp.gate_up.weight"), slice(intermediate_size, None)
+    return name, None

@@ -1,0 +1,57 @@
+"""Shared factories: tiny random LLaMAs (HF and native) and engines over them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.checkpoint.names import hf_to_trtllm_single_rank
+from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+from llmserve.models.loader import build_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def make_hf_llama(seed: int = 0, **overrides):
+    """A tiny random HF LlamaForCausalLM in float32 (GQA by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).float().eval()
+    return model
+
+
+def native_from_hf(hf_model, dtype: str = "float32"):
+    """The native model holding the same weights as `hf_model`."""
+    config = ModelConfig.from_hf(hf_model.config.to_dict())
+    state = hf_model.state_dict()
+    model = build_model(config, "cpu", dtype)
+    model.load_weights(hf_to_trtllm_single_rank(state.__getitem__, config.num_hidden_layers,
+                                                config.tie_word_embeddings))
+    return config, model
+
+
+def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 256,
+                max_num_seqs: int = 32, tokenizer=None, enable_prefix_caching: bool = True):
+    """An engine over the native twin of `hf_model`, with a small pool by default."""
+    from llmserve.engine.engine import Engine
+
+    config, model = native_from_hf(hf_model)
+    engine_config = EngineConfig(
+        model="in-memory",
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+        device=DeviceConfig("cpu", "float32"))
+    return Engine(model, config, engine_config, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_llama():
+    return make_hf_llama()
