@@ -52,11 +52,12 @@ class Engine:
         self.model_config = model_config
         self.config = config
         self.tokenizer = tokenizer
-        num_blocks = num_blocks or self._num_blocks_from_budget()
+        num_blocks = num_blocks or self._num_blocks_from_budget(model)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks)
         self.max_model_len = min(config.scheduler.max_model_len, model_config.max_position_embeddings,
                                  num_blocks * config.cache.block_size)
+        self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks,
+                                  self.max_model_len, config.scheduler.max_num_seqs)
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens_total = 0
@@ -75,13 +76,20 @@ class Engine:
         model_config, model = load_model(path, config.device.device, config.device.dtype)
         return cls(model, model_config, config, tokenizer=load_tokenizer(path))
 
-    def _num_blocks_from_budget(self) -> int:
+    def _num_blocks_from_budget(self, model) -> int:
         cache = self.config.cache
         if cache.num_blocks:
             return cache.num_blocks
         per_block = kv_bytes_per_block(self.model_config, cache.block_size, DTYPES[self.config.device.dtype])
-        budget = cache.kv_cache_memory_bytes or _default_kv_budget(self.config)
+        budget = cache.kv_cache_memory_bytes or self._default_kv_budget(model)
         return max(budget // per_block, 1)
+
+    def _default_kv_budget(self, model) -> int:
+        if not self.config.device.device.startswith("cuda"):
+            return DEFAULT_CPU_KV_BYTES
+        from llmserve.engine.profiling import cuda_kv_budget
+
+        return cuda_kv_budget(model, self.model_config, self.config)
 
     # ---- requests -------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -180,9 +188,3 @@ def load_tokenizer(path: str | Path):
 
     return AutoTokenizer.from_pretrained(path)
 
-
-def _default_kv_budget(config: EngineConfig) -> int:
-    if config.device.device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * config.cache.gpu_memory_utilization)
-    return DEFAULT_CPU_KV_BYTES

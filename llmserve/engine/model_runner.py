@@ -48,31 +48,45 @@ class ModelRunner:
     """Executes one scheduled step on the model and returns the sampled tokens."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, cache_config: CacheConfig,
-                 device_config: DeviceConfig, num_blocks: int):
+                 device_config: DeviceConfig, num_blocks: int, max_model_len: int = 0, max_num_seqs: int = 0):
         self.model = model
         self.config = config
         self.block_size = cache_config.block_size
         self.device = torch.device(device_config.device)
         self.dtype = DTYPES[device_config.dtype]
         self.num_blocks = num_blocks
-        # [L, 2, N, S, Hkv, D]: one allocation, each layer gets a view
+        # [L, 2, N + 1, S, Hkv, D]: one allocation, each layer gets a view; the extra
+        # block is scratch space that padded CUDA-graph rows write into
         self.kv_cache = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks, self.block_size,
+            config.num_hidden_layers, 2, num_blocks + 1, self.block_size,
             config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids=config.eos_token_id)
+        self.graphs = None
+        if self.device.type == "cuda" and not device_config.enforce_eager and max_num_seqs:
+            from llmserve.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
+                                       scratch_block=num_blocks, block_size=self.block_size)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run the step; returns one SampledToken per sampling sequence, in schedule order."""
         batch = self.prepare_inputs(out)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self._forward(batch)
         if not batch.sample_seqs:
             return []
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
         sampled = self._sample(logits, batch.sample_seqs)
         by_seq = dict(zip(map(id, batch.sample_seqs), sampled))
         return [by_seq[id(seq)] for i, seq in enumerate(out.seqs) if out.samples(i)]
+
+    def _forward(self, batch: BatchInputs) -> torch.Tensor:
+        num_seqs = len(batch.meta.query_lens_host)
+        decode_only = batch.meta.num_decodes == num_seqs
+        if self.graphs is not None and decode_only and self.graphs.bucket(num_seqs) is not None:
+            return self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     def prepare_inputs(self, out: SchedulerOutput) -> BatchInputs:
         """Flatten scheduled sequences (decodes first) into the model's input tensors."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.checkpoint.model_config import ModelConfig
-from llmserve.ops.attention import AttentionMetadata, paged_attention, write_kv
+from llmserve.ops.attention import AttentionFn, AttentionMetadata, paged_attention, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -76,8 +76,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
+        self.attention_fn = attention_fn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [N, S, Hkv, D] each
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.dense(out.view(-1, self.q_size))
 
 
@@ -114,10 +115,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, attention_fn)
         self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -127,10 +128,10 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.vocab_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, attention_fn) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
@@ -144,10 +145,10 @@ class Transformer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole model: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn = paged_attention):
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config)
+        self.transformer = Transformer(config, attention_fn)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
 

@@ -8,6 +8,7 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.models.llama import LlamaForCausalLM, RotaryEmbedding
+from llmserve.ops.attention import paged_attention, select_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,10 +31,12 @@ def checkpoint_tensors(checkpoint):
     return checkpoint.trtllm_tensors()
 
 
-def build_model(config: ModelConfig, device: str | torch.device, dtype: str) -> LlamaForCausalLM:
+def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
+                reference_attention: bool = False) -> LlamaForCausalLM:
     """An uninitialised model on `device` (no time wasted on random init)."""
+    attention_fn = paged_attention if reference_attention else select_attention(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, attention_fn)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
     return model.eval()

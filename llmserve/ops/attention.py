@@ -8,6 +8,7 @@ It runs anywhere torch runs; faster kernels (Triton on CUDA) are tested against 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,6 +29,19 @@ class AttentionMetadata:
     max_context_len: int
     query_lens_host: list[int]  # host copies, so the reference needs no device sync
     context_lens_host: list[int]
+
+
+# (q [T, H, D], k_cache, v_cache, meta, scale) -> [T, H, D]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionMetadata", float], torch.Tensor]
+
+
+def select_attention(device: torch.device | str) -> AttentionFn:
+    """The fastest paged attention for `device`: Triton on CUDA, the torch reference elsewhere."""
+    if torch.device(device).type == "cuda":
+        from llmserve.ops.triton_attention import paged_attention_cuda
+
+        return paged_attention_cuda
+    return paged_attention
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,254 @@
+"""HF LLaMA -> TensorRT-LLM unified checkpoint: `config.json` + one `rank{N}.safetensors` per rank.
+
+Split rules follow TensorRT-LLM's `models/llama/convert.py`: fused per-rank [q;k;v] with KV
+heads duplicated when there are fewer than tp, column/row splits from `names.LAYER_WEIGHTS`,
+embedding on the first pipeline rank, `ln_f` and the zero-padded `lm_head` on the last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from llmserve.checkpoint import names
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.checkpoint.names import Split
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Everything a converted directory needs besides weights to be served on its own.
+TOKENIZER_PATTERNS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "generation_config.json", "chat_template.*")
+
+
+@dataclass(slots=True)
+class Mapping:
+    """Tensor x pipeline parallel layout; rank = pp_rank * tp_size + tp_rank (TensorRT-LLM order)."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or self.pp_size < 1:
+            raise ValueError(f"tp_size and pp_size must be >= 1, got tp={self.tp_size} pp={self.pp_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def tp_rank(self, rank: int) -> int:
+        self._check_rank(rank)
+        return rank % self.tp_size
+
+    def pp_rank(self, rank: int) -> int:
+        self._check_rank(rank)
+        return rank // self.tp_size
+
+    def rank(self, tp_rank: int, pp_rank: int) -> int:
+        """The global rank of (tp_rank, pp_rank)."""
+        return pp_rank * self.tp_size + tp_rank
+
+    def pp_layers(self, pp_rank: int, num_layers: int) -> list[int]:
+        """Global layer ids of stage `pp_rank`, as `torch.tensor_split(arange(L), pp)` gives them."""
+        if not 0 <= pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank {pp_rank} outside pipeline of size {self.pp_size}")
+        base, extra = divmod(num_layers, self.pp_size)  # the first `extra` stages get one more layer
+        start = pp_rank * base + min(pp_rank, extra)
+        return list(range(start, start + base + (pp_rank < extra)))
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of size {self.world_size}")
+
+
+def validate_mapping(config: ModelConfig, mapping: Mapping) -> None:
+    """Raise ValueError naming the reason when `mapping` cannot shard `config`."""
+    tp, heads, kv = mapping.tp_size, config.num_attention_heads, config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(f"tp={tp} must divide the {heads} attention heads")
+    if kv >= tp and kv % tp:
+        raise ValueError(f"tp={tp} must divide the {kv} KV heads (or be a multiple of them)")
+    if kv < tp and tp % kv:
+        raise ValueError(f"tp={tp} must be a multiple of the {kv} KV heads to duplicate them")
+    if config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} must divide intermediate_size={config.intermediate_size}")
+    if mapping.pp_size > config.num_hidden_layers:
+        raise ValueError(f"pp={mapping.pp_size} exceeds the {config.num_hidden_layers} layers")
+
+
+def heads_per_rank(config: ModelConfig, tp_size: int) -> tuple[int, int]:
+    """(query heads, KV heads) stored on each TP rank; KV heads are at least 1 (duplicated)."""
+    return config.num_attention_heads // tp_size, max(1, config.num_key_value_heads // tp_size)
+
+
+def split_column(weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s slice of the output dim (dim 0) of an (out, in) weight."""
+    assert weight.shape[0] % tp_size == 0, f"dim 0 of {tuple(weight.shape)} is not divisible by tp={tp_size}"
+    return weight.chunk(tp_size, dim=0)[tp_rank]
+
+
+def split_row(weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s slice of the input dim (dim 1) of an (out, in) weight."""
+    assert weight.shape[1] % tp_size == 0, f"dim 1 of {tuple(weight.shape)} is not divisible by tp={tp_size}"
+    return weight.chunk(tp_size, dim=1)[tp_rank]
+
+
+def split_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig,
+              tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s fused [q_r; k_r; v_r] rows, duplicating KV heads when fewer than tp."""
+    kv_heads = config.num_key_value_heads
+    if kv_heads >= tp_size:
+        kv_size, kv_rank = tp_size, tp_rank
+    else:
+        # Same rows as repeating each KV head tp/kv times contiguously, then splitting by tp.
+        kv_size, kv_rank = kv_heads, tp_rank * kv_heads // tp_size
+    parts = (split_column(q, tp_size, tp_rank), split_column(k, kv_size, kv_rank), split_column(v, kv_size, kv_rank))
+    return torch.cat(parts, dim=0)
+
+
+def pad_and_split_lm_head(weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s rows of `weight` zero-padded to ceil(V / tp) * tp rows."""
+    vocab_size = weight.shape[0]
+    rows = -(-vocab_size // tp_size)
+    start, end = min(tp_rank * rows, vocab_size), min((tp_rank + 1) * rows, vocab_size)
+    # Pad only this rank's slice: the full padded matrix is never materialised.
+    return torch.nn.functional.pad(weight[start:end], (0, 0, 0, rows - (end - start)))
+
+
+SPLITTERS: dict[Split, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
+    Split.REPLICATED: lambda weight, tp_size, tp_rank: weight,
+    Split.COLUMN: split_column,
+    Split.ROW: split_row,
+}
+
+
+def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mapping: Mapping, rank: int,
+                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield rank `rank`'s TensorRT-LLM tensors, reading each HF tensor through `get` when needed."""
+    tp, tp_rank, pp_rank = mapping.tp_size, mapping.tp_rank(rank), mapping.pp_rank(rank)
+    if pp_rank == 0:
+        yield names.TRT_EMBEDDING, _owned(get(names.HF_EMBEDDING), dtype)
+    for local, layer in enumerate(mapping.pp_layers(pp_rank, config.num_hidden_layers)):
+        for hf_suffix, (trt_suffix, split) in names.LAYER_WEIGHTS.items():
+            weight = SPLITTERS[split](get(names.hf_layer(layer, hf_suffix)), tp, tp_rank)
+            yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
+        q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
+        yield names.trt_layer(local, names.QKV_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
+    if pp_rank == mapping.pp_size - 1:
+        yield names.TRT_FINAL_NORM, _owned(get(names.HF_FINAL_NORM), dtype)
+        lm_head = get(names.HF_EMBEDDING if config.tie_word_embeddings else names.HF_LM_HEAD)
+        yield names.TRT_LM_HEAD, _owned(pad_and_split_lm_head(lm_head, tp, tp_rank), dtype)
+
+
+def num_rank_tensors(config: ModelConfig, mapping: Mapping, rank: int) -> int:
+    """How many tensors `rank_tensors` yields for `rank`."""
+    pp_rank = mapping.pp_rank(rank)
+    num_layers = len(mapping.pp_layers(pp_rank, config.num_hidden_layers))
+    return num_layers * (len(names.LAYER_WEIGHTS) + 1) + (pp_rank == 0) + 2 * (pp_rank == mapping.pp_size - 1)
+
+
+def _owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A fresh contiguous copy: a slice must not keep the whole source tensor alive, and
+    # safetensors refuses tensors that share storage (tied embedding and lm_head at tp=1).
+    return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
+    """The TensorRT-LLM `config.json` of `config` sharded by `mapping`, weights in `dtype`."""
+    return {
+        "architecture": config.architecture,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_size": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "intermediate_size": config.intermediate_size,
+        "norm_epsilon": config.rms_norm_eps,
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": config.rope_theta,
+        "rotary_scaling": config.rope_scaling,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "mlp_bias": False,
+        "attn_bias": False,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
+                       dtype: str | None = None, progress: bool = True) -> Path:
+    """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time."""
+    source = _open_source(src_dir)
+    config, mapping = source.config, Mapping(tp_size, pp_size)
+    dtype = dtype or config.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    validate_mapping(config, mapping)
+    out = _prepare_out_dir(src_dir, out_dir)
+    for rank in tqdm(range(mapping.world_size), desc="ranks", disable=not progress):
+        tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype])
+        total = num_rank_tensors(config, mapping, rank)
+        shard = dict(tqdm(tensors, desc=f"rank{rank}", total=total, leave=False, disable=not progress))
+        save_file(shard, out / f"rank{rank}.safetensors", metadata={"format": "pt"})
+        del shard  # one rank's tensors in memory at a time
+    (out / "config.json").write_text(json.dumps(trtllm_config(config, mapping, dtype), indent=2))
+    copy_tokenizer_files(src_dir, out)
+    return out
+
+
+def _prepare_out_dir(src_dir: str | Path, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.resolve() == Path(src_dir).resolve():
+        raise ValueError(f"out_dir must differ from the source checkpoint {src_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank*.safetensors"):  # shards of an earlier conversion with another mapping
+        stale.unlink()
+    return out
+
+
+def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Copy tokenizer, generation config and chat template files; return the copies."""
+    sources = {path for pattern in TOKENIZER_PATTERNS for path in Path(src_dir).glob(pattern) if path.is_file()}
+    return [Path(shutil.copy2(path, Path(out_dir) / path.name)) for path in sorted(sources)]
+
+
+class _SafetensorsSource:
+    """HF LLaMA tensors read one at a time from `*.safetensors` files (stand-in for hf.HFCheckpoint)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.config = ModelConfig.from_dir(path)
+        self._files = [safe_open(f, framework="pt") for f in sorted(Path(path).glob("*.safetensors"))]
+        self._where = {name: f for f in self._files for name in f.keys()}
+        if not self._where:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def names(self) -> Iterable[str]:
+        return self._where.keys()
+
+
+def _open_source(path: str | Path):
+    try:
+        from llmserve.checkpoint.hf import HFCheckpoint
+    except ImportError:  # hf.py is being written concurrently; drop this fallback once it lands
+        return _SafetensorsSource(path)
+    return HFCheckpoint(path)

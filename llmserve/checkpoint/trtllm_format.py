@@ -1,0 +1,88 @@
+"""Read a TensorRT-LLM unified checkpoint: `config.json` plus `rank{N}.safetensors` shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from llmserve.checkpoint import names
+from llmserve.checkpoint.convert import Mapping, heads_per_rank
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.checkpoint.names import Split
+
+
+def is_trtllm_checkpoint(path: str | Path) -> bool:
+    """True when `path` holds a TensorRT-LLM config (it has a `mapping`) and its rank0 shard."""
+    config_path = Path(path) / "config.json"
+    if not (config_path.is_file() and (Path(path) / "rank0.safetensors").is_file()):
+        return False
+    return "mapping" in json.loads(config_path.read_text())
+
+
+class TrtllmCheckpoint:
+    """A converted checkpoint directory; shards are read lazily, one tensor at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        raw = json.loads((self.path / "config.json").read_text())
+        self.config = ModelConfig.from_trtllm(raw)
+        self.mapping = Mapping(raw["mapping"].get("tp_size", 1), raw["mapping"].get("pp_size", 1))
+        missing = [p.name for p in map(self.rank_path, range(self.mapping.world_size)) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.path} lacks rank shards {missing} for mapping {self.mapping}")
+
+    def rank_path(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.safetensors"
+
+    def rank_tensors(self, rank: int) -> dict[str, torch.Tensor]:
+        """All tensors of rank `rank`, as stored (local layer numbering)."""
+        return load_file(self.rank_path(rank))
+
+    def merged_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the tp=1, pp=1 tensors, in the names and order of `names.hf_to_trtllm_single_rank`."""
+        mapping, config = self.mapping, self.config
+        shards = [safe_open(self.rank_path(r), framework="pt") for r in range(mapping.world_size)]
+
+        def stage(pp_rank: int) -> list[Callable[[str], torch.Tensor]]:
+            return [shards[mapping.rank(t, pp_rank)].get_tensor for t in range(mapping.tp_size)]
+
+        yield names.TRT_EMBEDDING, stage(0)[0](names.TRT_EMBEDDING)
+        for pp_rank in range(mapping.pp_size):
+            gets = stage(pp_rank)
+            for local, layer in enumerate(mapping.pp_layers(pp_rank, config.num_hidden_layers)):
+                for trt_suffix, split in names.LAYER_WEIGHTS.values():
+                    parts = [get(names.trt_layer(local, trt_suffix)) for get in gets]
+                    yield names.trt_layer(layer, trt_suffix), MERGERS[split](parts)
+                parts = [get(names.trt_layer(local, names.QKV_TRT)) for get in gets]
+                yield names.trt_layer(layer, names.QKV_TRT), merge_qkv(parts, config)
+        last = stage(mapping.pp_size - 1)
+        yield names.TRT_FINAL_NORM, last[0](names.TRT_FINAL_NORM)
+        yield names.TRT_LM_HEAD, merge_lm_head([get(names.TRT_LM_HEAD) for get in last], config.vocab_size)
+
+
+def merge_qkv(parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Inverse of `convert.split_qkv` over all TP ranks: [q; k; v] with KV duplicates dropped."""
+    tp_size = len(parts)
+    q_heads, kv_heads = heads_per_rank(config, tp_size)
+    sizes = [q_heads * config.head_dim, kv_heads * config.head_dim, kv_heads * config.head_dim]
+    qs, ks, vs = zip(*(part.split(sizes, dim=0) for part in parts))
+    # With fewer KV heads than ranks, each KV head sits on tp/kv consecutive ranks; keep one.
+    step = max(1, tp_size // config.num_key_value_heads)
+    return torch.cat([*qs, *ks[::step], *vs[::step]], dim=0)
+
+
+def merge_lm_head(parts: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """Inverse of `convert.pad_and_split_lm_head`: the rows concatenated, zero padding dropped."""
+    return torch.cat(parts, dim=0)[:vocab_size]
+
+
+MERGERS: dict[Split, Callable[[list[torch.Tensor]], torch.Tensor]] = {
+    Split.REPLICATED: lambda parts: parts[0],
+    Split.COLUMN: lambda parts: torch.cat(parts, dim=0),
+    Split.ROW: lambda parts: torch.cat(parts, dim=1),
+}

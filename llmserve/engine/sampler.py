@@ -1,0 +1,208 @@
+"""Picks the next token of each sequence from its logits, batch-wise and with no host syncs.
+
+Order (as vLLM): logprobs of the raw logits; repetition, presence and frequency penalties;
+the min_tokens mask on stop ids; then greedy rows take the argmax and random rows go
+through temperature -> top-k -> top-p -> min-p -> the exponential race.
+Shapes: B rows, V vocabulary, L padded token-id length, K top logprobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from llmserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Sampled ids; logprobs are of the raw logits, present when any row asked for them."""
+
+    token_ids: torch.Tensor  # [B] int64, on the logits' device
+    logprobs: torch.Tensor | None  # [B] float32: the chosen token's
+    top_token_ids: torch.Tensor | None  # [B, K] int64, best first; K = max logprobs asked
+    top_logprobs: torch.Tensor | None  # [B, K] float32
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of each sequence (engine.sequence.Sequence fits)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # set when params.seed is, on the logits' device
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+class Sampler:
+    """Samples one token per row; `eos_token_ids` are hidden (with stop ids) until min_tokens."""
+
+    def __init__(self, eos_token_ids: Sequence[int] = ()):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Sample from `logits` [B, V] (any float dtype; computed in float32); never mutates it."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), "logits must be [len(rows), V]"
+        raw = logits.float()
+        logits = apply_penalties(raw, rows)
+        logits = mask_stop_ids(logits, rows, self.eos_token_ids)
+        token_ids = _pick(logits, rows)
+        return _with_logprobs(token_ids, raw, rows)
+
+
+def _pick(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    greedy_ids = logits.argmax(dim=-1)  # [B]; ties -> lowest id, as HF generate
+    if all(row.params.greedy for row in rows):
+        return greedy_ids
+    is_greedy = _to_device([row.params.greedy for row in rows], torch.bool, logits.device)
+    return torch.where(is_greedy, greedy_ids, sample_random(logits, rows))
+
+
+# ---- penalties ------------------------------------------------------------------------
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """HF repetition penalty over prompt+output ids; OpenAI presence/frequency over output ids."""
+    params = [row.params for row in rows]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts([row.prompt_token_ids + row.output_token_ids for row in rows], logits) > 0
+        penalty = _column([p.repetition_penalty for p in params], logits)  # [B, 1]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        counts = _token_counts([row.output_token_ids for row in rows], logits)  # [B, V]
+        presence = _column([p.presence_penalty for p in params], logits)
+        frequency = _column([p.frequency_penalty for p in params], logits)
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def _token_counts(token_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32: how often each id occurs in each row's list."""
+    num_rows, vocab = logits.shape
+    counts = torch.zeros(num_rows, vocab + 1, dtype=torch.float32, device=logits.device)
+    index = _padded_ids(token_ids, vocab, logits.device)  # [B, L]
+    if index is not None:
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def _padded_ids(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor | None:
+    """[B, L] ids padded with V (an extra column the caller drops), so ragged rows scatter in one call."""
+    width = max(map(len, token_ids), default=0)
+    if not width:
+        return None
+    return _to_device([ids + [vocab] * (width - len(ids)) for ids in token_ids], torch.int64, device)
+
+
+def mask_stop_ids(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """Hide stop_token_ids (and EOS unless ignore_eos) from rows with fewer than min_tokens outputs."""
+    num_rows, vocab = logits.shape
+    hidden = [_hidden_ids(row, eos_token_ids, vocab) for row in rows]
+    index = _padded_ids(hidden, vocab, logits.device)  # [B, L]
+    if index is None:
+        return logits
+    # a scattered mask, not index_put_: advanced-index assignment syncs with the host on CUDA
+    mask = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, index, True)
+    return logits.masked_fill(mask[:, :vocab], float("-inf"))
+
+
+def _hidden_ids(row: SamplingRow, eos_token_ids: Sequence[int], vocab: int) -> list[int]:
+    params = row.params
+    if len(row.output_token_ids) >= params.min_tokens:
+        return []
+    ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+    return [t for t in ids if 0 <= t < vocab]
+
+
+# ---- random sampling --------------------------------------------------------------------
+def sample_random(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """[B] ids drawn from softmax(logits / T) after top-k, top-p and min-p; greedy rows ride along unfiltered."""
+    params = [_random_params(row.params) for row in rows]
+    logits = logits / _column([p.temperature for p in params], logits)
+    if any(p.top_k or p.top_p < 1.0 for p in params):
+        logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    probs = logits.softmax(dim=-1)  # [B, V]
+    if any(p.min_p for p in params):
+        probs = apply_min_p(probs, [p.min_p for p in params])
+    return exponential_race(probs, rows)
+
+
+def _random_params(params: SamplingParams) -> SamplingParams | _Neutral:
+    # greedy rows are picked by argmax; keep their filters out of the way
+    return _NEUTRAL if params.greedy else params
+
+
+@dataclass(slots=True, frozen=True)
+class _Neutral:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+
+_NEUTRAL = _Neutral()
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set to -inf all but the k best ids (0: all) and, of those, the smallest set with mass >= p."""
+    vocab = logits.shape[1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [B, V] each
+    ranks = torch.arange(vocab, device=logits.device)  # [V]
+    k = _column([kk if 0 < kk < vocab else vocab for kk in top_k], logits, torch.int64)  # [B, 1]
+    remove = ranks >= k  # [B, V], in sorted order
+    if any(p < 1.0 for p in top_p):
+        p = _column(top_p, logits)  # [B, 1]
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # exactly 0 for the best id: it always stays
+        remove |= (mass_before >= p) & (p < 1.0)
+    remove = torch.empty_like(remove).scatter_(1, sorted_ids, remove)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Zero the ids whose probability is below min_p times the row's best."""
+    threshold = _column(min_p, probs) * probs.amax(dim=-1, keepdim=True)  # [B, 1]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def exponential_race(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """argmax(probs / Exp(1) noise) samples from probs; seeded rows draw with their own generator."""
+    noise = torch.empty_like(probs)  # [B, V]
+    seeded = [i for i, row in enumerate(rows) if row.generator is not None and not row.params.greedy]
+    if len(seeded) < len(rows):
+        noise.exponential_()
+    for i in seeded:
+        # one draw of V per step from the row's generator: batch-independent, reproducible
+        noise[i].exponential_(generator=rows[i].generator)
+    # a zero draw would turn a zero probability into 0/0 = nan, which argmax would pick
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+# ---- logprobs ---------------------------------------------------------------------------
+def _with_logprobs(token_ids: torch.Tensor, raw: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    asked = [row.params.logprobs for row in rows if row.params.logprobs is not None]
+    if not asked:
+        return SamplerOutput(token_ids, None, None, None)
+    logprobs = raw.log_softmax(dim=-1)  # [B, V]
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
+    k = min(max(asked), logprobs.shape[1])
+    if k == 0:
+        return SamplerOutput(token_ids, chosen, None, None)
+    top = logprobs.topk(k, dim=-1)  # sorted, best first
+    return SamplerOutput(token_ids, chosen, top.indices, top.values)
+
+
+# ---- host -> device ---------------------------------------------------------------------
+def _column(values: list, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, 1] tensor of per-row values on `like`'s device."""
+    return _to_device(values, dtype, like.device).unsqueeze(1)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        # pinned + non_blocking: an asynchronous copy, never a host sync
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
