@@ -45,9 +45,12 @@ class DeviceConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | float16 | bfloat16
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
+    quantization: str | None = None  # "int8": CPU int8 weights and dynamic activations
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"
+        assert self.quantization in (None, "int8"), f"unknown quantization {self.quantization!r}"
+        assert self.quantization is None or self.device == "cpu", "int8 quantization runs on CPU only"
 
 
 @dataclass(slots=True)

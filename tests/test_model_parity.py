@@ -141,3 +141,22 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_hf_llama):
             if out.request_id == "x":
                 busy_tokens.extend(out.new_token_ids)
     assert len(alone_tokens) == 16 and busy_tokens == alone_tokens
+
+
+def test_int8_quantized_model_stays_close_to_float32(tiny_hf_llama):
+    from llmserve.ops.int8_linear import quantize_linears_int8
+
+    engine = make_engine(tiny_hf_llama)
+    prompt = random_prompts(1, 256, seed=21)[0]
+    ref = hf_logits(tiny_hf_llama, prompt)[-1]
+    quantize_linears_int8(engine.runner.model)
+    seq = Sequence("q", prompt, SamplingParams(), max_output_tokens=1)
+    engine.kv.allocate_slots(seq, len(prompt))
+    step = SchedulerOutput()
+    step.add(seq, len(prompt))
+    batch = engine.runner.prepare_inputs(step)
+    with torch.no_grad():
+        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
+        logits = engine.runner.model.compute_logits(hidden[-1:])[0]
+    error = ((logits - ref).norm() / ref.norm()).item()
+    assert 0 < error < 0.05, f"int8 logits error {error}"

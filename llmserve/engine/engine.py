@@ -73,7 +73,8 @@ class Engine:
 
         path = resolve_model(config.model, progress=progress)
         torch.manual_seed(config.seed)
-        model_config, model = load_model(path, config.device.device, config.device.dtype)
+        model_config, model = load_model(path, config.device.device, config.device.dtype,
+                                         config.device.quantization)
         return cls(model, model_config, config, tokenizer=load_tokenizer(path))
 
     def _num_blocks_from_budget(self, model) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.checkpoint.model_config import ModelConfig
-from llmserve.ops.attention import AttentionFn, AttentionMetadata, paged_attention, write_kv
+from llmserve.ops.attention import REFERENCE_BACKEND, AttentionBackend, AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -76,9 +76,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend):
         super().__init__()
-        self.attention_fn = attention_fn
+        self.backend = attention
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -95,8 +95,8 @@ class Attention(nn.Module):
         k = rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [N, S, Hkv, D] each
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.attention_fn(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = self.backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.dense(out.view(-1, self.q_size))
 
 
@@ -115,10 +115,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, attention_fn)
+        self.attention = Attention(config, attention)
         self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -128,10 +128,10 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend):
         super().__init__()
         self.vocab_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, attention_fn) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, attention) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
@@ -145,18 +145,21 @@ class Transformer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole model: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
 
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn = paged_attention):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend = REFERENCE_BACKEND):
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config, attention_fn)
+        self.transformer = Transformer(config, attention)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
+        self.logits_linear: nn.Module | None = None  # a quantized lm_head replaces the weight matmul
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         return self.transformer(input_ids, positions, kv_caches, meta)  # [T, E]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.logits_linear is not None:
+            return self.logits_linear(hidden)
         weight = self.transformer.vocab_embedding.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)  # [B, V]
 

@@ -8,7 +8,7 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.models.llama import LlamaForCausalLM, RotaryEmbedding
-from llmserve.ops.attention import paged_attention, select_attention
+from llmserve.ops.attention import REFERENCE_BACKEND, select_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,17 +34,22 @@ def checkpoint_tensors(checkpoint):
 def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
                 reference_attention: bool = False) -> LlamaForCausalLM:
     """An uninitialised model on `device` (no time wasted on random init)."""
-    attention_fn = paged_attention if reference_attention else select_attention(device)
+    backend = REFERENCE_BACKEND if reference_attention else select_attention(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, attention_fn)
+        model = LlamaForCausalLM(config, backend)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
     return model.eval()
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[ModelConfig, LlamaForCausalLM]:
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
+               quantization: str | None = None) -> tuple[ModelConfig, LlamaForCausalLM]:
     """Read the checkpoint at `path` into a native model on `device`."""
     checkpoint = open_checkpoint(path)
     model = build_model(checkpoint.config, device, dtype)
     model.load_weights(checkpoint_tensors(checkpoint))
+    if quantization == "int8":
+        from llmserve.ops.int8_linear import quantize_linears_int8
+
+        quantize_linears_int8(model)
     return checkpoint.config, model

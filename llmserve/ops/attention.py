@@ -33,15 +33,25 @@ class AttentionMetadata:
 
 # (q [T, H, D], k_cache, v_cache, meta, scale) -> [T, H, D]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionMetadata", float], torch.Tensor]
+# (k [T, Hkv, D], v, k_cache, v_cache, slot_mapping) -> None
+WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def select_attention(device: torch.device | str) -> AttentionFn:
-    """The fastest paged attention for `device`: Triton on CUDA, the torch reference elsewhere."""
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    """How a layer stores this step's K/V and attends over the paged cache."""
+
+    write_kv: WriteKVFn
+    attend: AttentionFn
+
+
+def select_attention(device: torch.device | str) -> AttentionBackend:
+    """The fastest backend for `device`: Triton kernels on CUDA, the torch reference elsewhere."""
     if torch.device(device).type == "cuda":
-        from llmserve.ops.triton_attention import paged_attention_cuda
+        from llmserve.ops.triton_attention import paged_attention_cuda, write_kv_triton
 
-        return paged_attention_cuda
-    return paged_attention
+        return AttentionBackend(write_kv_triton, paged_attention_cuda)
+    return REFERENCE_BACKEND
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -110,3 +120,6 @@ def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.einsum("bhgc,bchd->bhgd", probs, values)  # [B, Hkv, G, D]
     return out.reshape(nd, num_heads, head_dim)
+
+
+REFERENCE_BACKEND = AttentionBackend(write_kv, paged_attention)
