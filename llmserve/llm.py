@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
@@ -88,7 +87,7 @@ class LLM:
         for i in range(params.n):
             request_id = f"llm-{self._next_id}"
             self._next_id += 1
-            self.engine.add_request(request_id, token_ids, _nth(params, i))
+            self.engine.add_request(request_id, token_ids, params.for_choice(i))
             ids[request_id] = result.outputs[i]
         return result, ids
 
@@ -105,8 +104,3 @@ class LLM:
                 if delta.finished:
                     out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
 
-
-def _nth(params: SamplingParams, i: int) -> SamplingParams:
-    """The i-th of n samples: its own seed, so the n completions differ but stay reproducible."""
-    seed = None if params.seed is None else params.seed + i
-    return dataclasses.replace(params, n=1, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,14 @@ class SamplingParams:
         _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        # torch generators take any int64 or uint64 seed; seed + n - 1 must stay in range
+        _check(self.seed is None or -2**63 <= self.seed <= 2**64 - self.n,
+               f"seed must be a 64-bit integer, got {self.seed}")
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """Parameters of the index-th of `n` completions: n=1 and its own seed (seed + index)."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -160,6 +160,7 @@ def check_pool_invariants(sched: Scheduler) -> None:
         if block.ref_count > 1:
             assert block.block_hash is not None, "only cached prefix blocks are shared"
     assert kv.num_free_blocks + len(owners) == kv.num_blocks
+    assert kv.num_cached_blocks == sum(1 for b in kv.free_queue if kv.blocks[b].block_hash is not None)
     for block_hash, block_id in kv.hash_to_block.items():
         assert kv.blocks[block_id].block_hash == block_hash
 

@@ -42,6 +42,7 @@ class KVCacheManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
         self.seq_block_hashes: dict[str, list[bytes]] = {}
+        self.num_cached_blocks = 0  # ref count 0 but hashed: kept as a counter so readers never iterate
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found cached
 
@@ -54,11 +55,6 @@ class KVCacheManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_queue)
-
-    @property
-    def num_cached_blocks(self) -> int:
-        """Blocks with ref count 0 that still hold a reusable prefix."""
-        return sum(1 for b in self.free_queue if self.blocks[b].block_hash is not None)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -111,12 +107,14 @@ class KVCacheManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_queue[block_id]
+            self.num_cached_blocks -= block.block_hash is not None
         block.ref_count += 1
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict the cached prefix it held
+            self.num_cached_blocks -= 1
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
             block.block_hash = None
@@ -149,6 +147,8 @@ class KVCacheManager:
                 self.free_queue[block_id] = None
                 if block.block_hash is None:  # nothing to reuse: hand it out first
                     self.free_queue.move_to_end(block_id, last=False)
+                else:
+                    self.num_cached_blocks += 1
         seq.block_table.clear()
         self.seq_block_hashes.pop(seq.request_id, None)
 
@@ -156,6 +156,7 @@ class KVCacheManager:
         """Forget all cached prefixes (blocks in use keep their data)."""
         for block in self.blocks:
             block.block_hash = None
+        self.num_cached_blocks = 0
         self.hash_to_block.clear()
         self.seq_block_hashes.clear()
 

@@ -1,0 +1,71 @@
+"""Log-probabilities in OpenAI's two shapes: chat (`content` entries) and legacy completions."""
+
+from __future__ import annotations
+
+import functools
+
+from llmserve.engine.model_runner import SampledToken
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> the byte it encodes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+class TokenPieces:
+    """Text and bytes of single tokens (bytes exact even when a token splits a UTF-8 character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes_of = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        decoder = _byte_level_decoder()
+        if isinstance(piece, str) and piece and all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        return self.bytes_of(token_id).decode("utf-8", errors="replace")
+
+
+def chat_logprobs(pieces: TokenPieces, tokens: list[SampledToken]) -> dict:
+    """`choices[i].logprobs` of a chat completion (or chunk)."""
+    return {"content": [_chat_entry(pieces, t.token_id, t.logprob, t.top_logprobs or []) for t in tokens]}
+
+
+def _chat_entry(pieces: TokenPieces, token_id: int, logprob: float | None, top: list) -> dict:
+    entry = _chat_top(pieces, token_id, logprob)
+    entry["top_logprobs"] = [_chat_top(pieces, i, lp) for i, lp in top]
+    return entry
+
+
+def _chat_top(pieces: TokenPieces, token_id: int, logprob: float | None) -> dict:
+    return {"token": pieces.text(token_id), "logprob": logprob, "bytes": list(pieces.bytes_of(token_id))}
+
+
+def completion_logprobs(pieces: TokenPieces, tokens: list[SampledToken], text_offset: int) -> dict:
+    """`choices[i].logprobs` of a legacy completion: parallel lists; offsets start at `text_offset`.
+
+    Prompt tokens (echo) come as SampledToken with logprob None: the engine does not score prompts.
+    """
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token in tokens:
+        text = pieces.text(token.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(token.logprob)
+        top = token.top_logprobs
+        out["top_logprobs"].append(None if top is None else {pieces.text(i): lp for i, lp in top})
+        out["text_offset"].append(text_offset)
+        text_offset += len(text)
+    return out

@@ -1,0 +1,166 @@
+"""Request parsing: an OpenAI JSON body -> prompts as token ids plus SamplingParams.
+
+Range checks of sampling values live in SamplingParams; this module checks JSON types,
+OpenAI-only fields, and turns SamplingParams' ValueError into a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmserve.sampling_params import SamplingParams
+from llmserve.server.errors import bad_request
+from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number, get_object, get_str,
+                                    get_str_list, is_token_ids)
+
+CHAT_ROLES = ("system", "user", "assistant")
+# fields whose meaning we cannot honour: refusing beats silently ignoring them
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A validated request: one or more prompts, `params.n` choices for each."""
+
+    model: str | None
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    prompt_texts: list[str] | None = None  # set only when echo is on
+
+
+@dataclass(slots=True)
+class Limits:
+    """What the server allows on top of SamplingParams' own ranges."""
+
+    vocab_size: int
+    max_n: int
+    max_prompts: int
+
+
+def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
+    """A /v1/chat/completions body; the chat template is applied with the generation prompt."""
+    messages = _messages(body)
+    logprobs = get_bool(body, "logprobs")
+    top_logprobs = get_int(body, "top_logprobs", 0)
+    if top_logprobs and not logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    params = _sampling_params(body, limits, default_max_tokens=None,
+                              logprobs=top_logprobs if logprobs else None, logprobs_field="top_logprobs")
+    prompt = apply_chat_template(tokenizer, messages)
+    return GenerationRequest(_model(body), [prompt], params, *_stream(body))
+
+
+def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
+    """A /v1/completions body: prompt as text, texts, token ids, or lists of token ids."""
+    prompts, texts = _prompts(body, tokenizer, limits)
+    params = _sampling_params(body, limits, default_max_tokens=16,
+                              logprobs=get_int(body, "logprobs"), logprobs_field="logprobs")
+    echo = get_bool(body, "echo")
+    if echo:
+        texts = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(texts, prompts)]
+    return GenerationRequest(_model(body), prompts, params, *_stream(body), echo=echo,
+                             prompt_texts=texts if echo else None)
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    """Template with the generation prompt, encoded without special tokens (the template has any BOS)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise bad_request("this model has no chat template; use /v1/completions", "messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # templates raise on e.g. roles out of order
+        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---- pieces --------------------------------------------------------------------------
+def _model(body: dict) -> str | None:
+    return get_str(body, "model")
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = get_bool(body, "stream")
+    options = get_object(body, "stream_options")
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool(get_bool(options, "include_usage"))
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", "messages")
+    return [_message(m, i) for i, m in enumerate(messages)]
+
+
+def _message(message, index: int) -> dict:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object", param)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise bad_request(f"{param}.role must be one of {', '.join(CHAT_ROLES)}", f"{param}.role")
+    return {"role": role, "content": _content(message.get("content"), f"{param}.content")}
+
+
+def _content(content, param: str) -> str:
+    """String content, or text parts joined (the only part type a text model can read)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(_is_text_part(p) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad_request(f"{param} must be a string or an array of text parts", param)
+
+
+def _is_text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _prompts(body: dict, tokenizer, limits: Limits) -> tuple[list[list[int]], list[str | None]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif is_token_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("'prompt' must be a string, an array of strings, an array of token ids "
+                          "or an array of arrays of token ids", "prompt")
+    if len(prompt) > limits.max_prompts:
+        raise bad_request(f"at most {limits.max_prompts} prompts per request, got {len(prompt)}", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt], list(prompt)
+    if all(is_token_ids(p) for p in prompt):
+        return [list(p) for p in prompt], [None] * len(prompt)
+    raise bad_request("'prompt' must not mix strings and token ids, nor hold empty entries", "prompt")
+
+
+def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | None,
+                     logprobs: int | None, logprobs_field: str) -> SamplingParams:
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise bad_request(f"'{name}' is not supported by this server", name)
+    n = get_int(body, "n", 1)
+    if n > limits.max_n:
+        raise bad_request(f"'n' must be at most {limits.max_n}, got {n}", "n")
+    max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    fields = dict(
+        n=n, temperature=get_number(body, "temperature", 1.0), top_p=get_number(body, "top_p", 1.0),
+        top_k=get_int(body, "top_k", 0), min_p=get_number(body, "min_p", 0.0), seed=get_int(body, "seed"),
+        presence_penalty=get_number(body, "presence_penalty", 0.0),
+        frequency_penalty=get_number(body, "frequency_penalty", 0.0),
+        repetition_penalty=get_number(body, "repetition_penalty", 1.0),
+        max_tokens=get_int(body, max_tokens_field, default_max_tokens), min_tokens=get_int(body, "min_tokens", 0),
+        stop=get_str_list(body, "stop"), ignore_eos=get_bool(body, "ignore_eos"),
+        stop_token_ids=get_int_list(body, "stop_token_ids", lo=0, hi=limits.vocab_size - 1),
+        skip_special_tokens=get_bool(body, "skip_special_tokens", True),
+        include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs)
+    get_str(body, "user")  # accepted for OpenAI compatibility; never logged
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0]
+        param = {"logprobs": logprobs_field, "max_tokens": max_tokens_field}.get(field, field)
+        raise bad_request(str(exc).replace(field, param, 1), param) from exc

@@ -1,0 +1,173 @@
+"""OpenAI response shapes for chat and legacy completions, streamed or whole."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llmserve.engine.engine import RequestOutput
+from llmserve.engine.model_runner import SampledToken
+from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampledToken] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids.extend(output.new_token_ids)
+        if output.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + output.new_logprobs
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_output_tokens = output.num_output_tokens
+        self.num_cached_tokens = output.num_cached_tokens
+        if output.finished:
+            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+
+
+def usage(prompts: list[list[int]], choices: list[ChoiceState], n: int) -> dict:
+    """Token counts: each prompt once (however many choices it has), every choice's output."""
+    num_prompt = sum(len(p) for p in prompts)
+    num_output = sum(c.num_output_tokens for c in choices)
+    num_cached = sum(c.num_cached_tokens for c in choices[::n])
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
+            "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+
+class Renderer:
+    """Builds the JSON objects of one response; subclasses give the endpoint's shapes."""
+
+    object_name = ""
+    chunk_object_name = ""
+    prompt_param = ""
+
+    def __init__(self, response_id: str, model: str, pieces: TokenPieces, include_usage: bool = False):
+        self.response_id = response_id
+        self.model = model
+        self.pieces = pieces
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def _envelope(self, object_name: str, choices: list[dict]) -> dict:
+        return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def chunk(self, choices: list[dict]) -> dict:
+        body = self._envelope(self.chunk_object_name, choices)
+        if self.include_usage:
+            body["usage"] = None  # only the last chunk carries usage
+        return body
+
+    def usage_chunk(self, usage_body: dict) -> dict:
+        return {**self._envelope(self.chunk_object_name, []), "usage": usage_body}
+
+    def response(self, choices: list[ChoiceState], usage_body: dict) -> dict:
+        return {**self._envelope(self.object_name, [self.choice(c) for c in choices]), "usage": usage_body}
+
+    def opening_chunks(self, num_choices: int) -> list[dict]:
+        return []
+
+    def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
+        raise NotImplementedError
+
+    def choice(self, choice: ChoiceState) -> dict:
+        raise NotImplementedError
+
+
+class ChatRenderer(Renderer):
+    """`chat.completion` and `chat.completion.chunk`."""
+
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    prompt_param = "messages"
+
+    def opening_chunks(self, num_choices: int) -> list[dict]:
+        return [self.chunk([_chat_delta(i, {"role": "assistant", "content": ""})]) for i in range(num_choices)]
+
+    def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
+        chunks = []
+        if output.new_text or output.new_logprobs:
+            logprobs = chat_logprobs(self.pieces, output.new_logprobs) if output.new_logprobs else None
+            chunks.append(self.chunk([_chat_delta(choice.index, {"content": output.new_text}, logprobs)]))
+        if output.finished:
+            chunks.append(self.chunk([_chat_delta(choice.index, {}, finish_reason=output.finish_reason)]))
+        return chunks
+
+    def choice(self, choice: ChoiceState) -> dict:
+        logprobs = chat_logprobs(self.pieces, choice.logprobs) if choice.logprobs is not None else None
+        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+
+
+def _chat_delta(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+class CompletionRenderer(Renderer):
+    """`text_completion`, streamed or whole; with echo, the prompt leads each choice's text."""
+
+    object_name = chunk_object_name = "text_completion"
+    prompt_param = "prompt"
+
+    def __init__(self, *args, prompts: list[list[int]], n: int, echo_texts: list[str] | None = None,
+                 logprobs_on: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts, self.n, self.echo_texts, self.logprobs_on = prompts, n, echo_texts, logprobs_on
+        self._offsets: dict[int, int] = {}  # text_offset where each choice's next token starts
+
+    def opening_chunks(self, num_choices: int) -> list[dict]:
+        if self.echo_texts is None:
+            return []
+        return [self.chunk([self._text_choice(i, self._echo(i), self._echo_logprobs(i))]) for i in range(num_choices)]
+
+    def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
+        chunks = []
+        if output.new_text or output.new_logprobs:
+            chunks.append(self.chunk([self._text_choice(choice.index, output.new_text,
+                                                        self._logprobs(choice.index, output.new_logprobs))]))
+        if output.finished:
+            chunks.append(self.chunk([self._text_choice(choice.index, "", None, output.finish_reason)]))
+        return chunks
+
+    def choice(self, choice: ChoiceState) -> dict:
+        logprobs = None
+        if choice.logprobs is not None:
+            tokens = self._prompt_tokens(choice.index) + choice.logprobs
+            logprobs = completion_logprobs(self.pieces, tokens, 0)
+        body = self._text_choice(choice.index, self._echo(choice.index) + choice.text, logprobs, choice.finish_reason)
+        body["stop_reason"] = choice.stop_reason
+        return body
+
+    # ---- helpers ------------------------------------------------------------------
+    def _echo(self, index: int) -> str:
+        return self.echo_texts[index // self.n] if self.echo_texts is not None else ""
+
+    def _prompt_tokens(self, index: int) -> list[SampledToken]:
+        if self.echo_texts is None:
+            return []
+        return [SampledToken(t, None, None) for t in self.prompts[index // self.n]]
+
+    def _echo_logprobs(self, index: int) -> dict | None:
+        return self._logprobs(index, self._prompt_tokens(index)) if self.logprobs_on else None
+
+    def _logprobs(self, index: int, tokens: list[SampledToken] | None) -> dict | None:
+        if not tokens:
+            return None
+        out = completion_logprobs(self.pieces, tokens, self._offsets.get(index, 0))
+        self._offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+    @staticmethod
+    def _text_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

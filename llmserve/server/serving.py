@@ -1,0 +1,101 @@
+"""The life of one generation request: read, admit, run its choices, answer (stream or whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from llmserve.engine.engine import RequestOutput
+from llmserve.server.errors import APIError, bad_request
+from llmserve.server.generation import ChoiceRun, admit
+from llmserve.server.protocol import GenerationRequest
+from llmserve.server.responses import ChoiceState, Renderer, usage
+from llmserve.server.sse import SSEStream
+from llmserve.server.state import CONFIG, ENGINE, INFLIGHT, SHUTTING_DOWN, STATS
+
+logger = logging.getLogger(__name__)
+SHUTDOWN_ERROR = "the request was aborted because the server is shutting down"
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object, or a 400 (a body over the size limit is a 413 from aiohttp)."""
+    if request.app[SHUTTING_DOWN].is_set():
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    try:
+        body = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def serve_generation(request: web.Request, gen: GenerationRequest, renderer: Renderer) -> web.StreamResponse:
+    """Admit `gen`, run all its choices in the engine, and answer; leaving aborts what still runs."""
+    engine, stats = request.app[ENGINE], request[STATS]
+    admit(engine, request.app[CONFIG], gen, renderer.prompt_param)
+    stats.num_prompt_tokens = sum(len(p) for p in gen.prompts)
+    run = ChoiceRun(engine, renderer.response_id, gen.prompts, gen.params)
+    inflight = request.app[INFLIGHT]
+    inflight.add(run)
+    try:
+        async with run:
+            if gen.stream:
+                return await _stream(request, run, gen, renderer)
+            return await _collect(request, run, gen, renderer)
+    finally:
+        inflight.discard(run)
+        stats.finish_reasons.extend(["abort"] * run.num_unfinished)
+
+
+async def _collect(request: web.Request, run: ChoiceRun, gen: GenerationRequest, renderer: Renderer) -> web.Response:
+    choices = [ChoiceState(i) for i in range(len(run.request_ids))]
+    async for index, output in run:
+        _record(request, choices[index], index, output)
+    return web.json_response(renderer.response(choices, usage(gen.prompts, choices, gen.params.n)))
+
+
+async def _stream(request: web.Request, run: ChoiceRun, gen: GenerationRequest, renderer: Renderer
+                  ) -> web.StreamResponse:
+    choices = [ChoiceState(i) for i in range(len(run.request_ids))]
+    sse = SSEStream(request)
+    try:
+        await sse.open()
+        for chunk in renderer.opening_chunks(len(choices)):
+            await sse.send(chunk)
+        async for index, output in run:
+            _record(request, choices[index], index, output)
+            for chunk in renderer.delta_chunks(choices[index], output):
+                await sse.send(chunk)
+        if gen.include_usage:
+            await sse.send(renderer.usage_chunk(usage(gen.prompts, choices, gen.params.n)))
+        await sse.close()
+    except ConnectionResetError:  # the client went away; leaving the ChoiceRun aborts the rest
+        request[STATS].client_gone = True
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the stream is open: the error travels as an event, then [DONE]
+        await _end_with_error(request, sse, exc)
+    return sse.response
+
+
+def _record(request: web.Request, choice: ChoiceState, index: int, output: RequestOutput) -> None:
+    request[STATS].on_output(index, output)
+    if output.finish_reason == "abort":  # only shutdown aborts a request whose client is still here
+        raise APIError(503, SHUTDOWN_ERROR, code="shutting_down")
+    choice.add(output)
+
+
+async def _end_with_error(request: web.Request, sse: SSEStream, exc: Exception) -> None:
+    if not isinstance(exc, APIError):
+        logger.error("generation failed: %r", exc, exc_info=exc)
+        exc = APIError(500, f"generation failed: {exc}", code="internal_error")
+    request[STATS].error_status = exc.status
+    try:
+        await sse.send(exc.body())
+        await sse.close()
+    except ConnectionResetError:
+        request[STATS].client_gone = True
