@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
@@ -93,12 +94,18 @@ class ModelRunner:
         order = sorted(range(len(out.seqs)), key=lambda i: out.num_scheduled_tokens[i] != 1)
         input_ids, positions, slots, tables = [], [], [], []
         query_lens, context_lens, logits_indices, sample_seqs = [], [], [], []
+        block_size = self.block_size
         for i in order:
             seq, num_new = out.seqs[i], out.num_scheduled_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_at(p) for p in range(start, end))
-            positions.extend(range(start, end))
-            slots.extend(self._slot(seq, p) for p in range(start, end))
+            if num_new == 1:  # the common decode case, without per-token generators
+                input_ids.append(seq.token_at(start))
+                positions.append(start)
+                slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
+            else:
+                input_ids.extend(seq.token_ids()[start:end])
+                positions.extend(range(start, end))
+                slots.extend(self._slot(seq, p) for p in range(start, end))
             tables.append(seq.block_table)
             query_lens.append(num_new)
             context_lens.append(end)
@@ -106,33 +113,33 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         num_decodes = sum(1 for n in query_lens if n == 1)
+        ids, pos, slot, ctx, qsl, logit_idx, table = self._to_device(
+            [input_ids, positions, slots, context_lens, _cumsum0(query_lens), logits_indices], _pad(tables))
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(_pad(tables), torch.int32),
-            context_lens=self._to_device(context_lens, torch.int32),
-            query_start_loc=self._to_device(_cumsum0(query_lens), torch.int32),
-            num_decodes=num_decodes,
-            max_context_len=max(context_lens),
-            query_lens_host=query_lens,
-            context_lens_host=context_lens,
-        )
-        return BatchInputs(
-            input_ids=self._to_device(input_ids, torch.int64),
-            positions=self._to_device(positions, torch.int64),
-            meta=meta,
-            logits_indices=self._to_device(logits_indices, torch.int64),
-            order=order,
-            sample_seqs=sample_seqs,
-        )
+            slot_mapping=slot, block_tables=table, context_lens=ctx, query_start_loc=qsl,
+            num_decodes=num_decodes, max_context_len=max(context_lens),
+            query_lens_host=query_lens, context_lens_host=context_lens)
+        return BatchInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logit_idx,
+                           order=order, sample_seqs=sample_seqs)
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
+    def _to_device(self, vectors: list[list[int]], table: np.ndarray) -> list[torch.Tensor]:
+        """One host-to-device copy of every int input; the int32 ones are cast on the device."""
+        sizes = [len(v) for v in vectors] + [table.size]
+        flat = np.empty(sum(sizes), dtype=np.int64)
+        offset = 0
+        for vector in vectors:
+            flat[offset:offset + len(vector)] = vector
+            offset += len(vector)
+        flat[offset:] = table.ravel()
+        host = torch.from_numpy(flat)
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        ids, pos, slot, ctx, qsl, logit_idx, table_flat = host.split(sizes)
+        as_int32 = [t.to(torch.int32) for t in (ctx, qsl, table_flat)]
+        return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, as_int32[2].view(table.shape)]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         for seq in seqs:
@@ -163,9 +170,12 @@ def _to_host(result, seqs: list[Sequence]) -> list[SampledToken]:
     return tokens
 
 
-def _pad(tables: list[list[int]]) -> list[list[int]]:
-    width = max(len(t) for t in tables)
-    return [t + [0] * (width - len(t)) for t in tables]
+def _pad(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one [B, max_blocks] array, zero padded."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
+    for row, table in zip(out, tables):
+        row[:len(table)] = table
+    return out
 
 
 def _cumsum0(values: list[int]) -> list[int]:

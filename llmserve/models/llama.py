@@ -17,6 +17,7 @@ from torch import nn
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.ops.attention import REFERENCE_BACKEND, AttentionBackend, AttentionMetadata
+from llmserve.ops.fused import rms_norm, rope_, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -68,11 +67,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)  # [T, heads, D/2] each
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        """Rotate x [T, heads, D] in place (a view into the fused qkv output)."""
+        return rope_(x, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -110,8 +106,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
-        return self.proj(F.silu(gate) * up)
+        return self.proj(silu_and_mul(self.gate_up(x)))  # [T, 2I] -> [T, I] -> [T, E]
 
 
 class DecoderLayer(nn.Module):
