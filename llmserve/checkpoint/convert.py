@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llmserve.checkpoint import names
+from llmserve.checkpoint.hf import HFCheckpoint
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.checkpoint.names import Split
 
@@ -193,7 +194,7 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
                        dtype: str | None = None, progress: bool = True) -> Path:
     """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time."""
-    source = _open_source(src_dir)
+    source = HFCheckpoint(src_dir)
     config, mapping = source.config, Mapping(tp_size, pp_size)
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
@@ -225,30 +226,3 @@ def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[Path]
     """Copy tokenizer, generation config and chat template files; return the copies."""
     sources = {path for pattern in TOKENIZER_PATTERNS for path in Path(src_dir).glob(pattern) if path.is_file()}
     return [Path(shutil.copy2(path, Path(out_dir) / path.name)) for path in sorted(sources)]
-
-
-class _SafetensorsSource:
-    """HF LLaMA tensors read one at a time from `*.safetensors` files (stand-in for hf.HFCheckpoint)."""
-
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        self.config = ModelConfig.from_dir(path)
-        self._files = [safe_open(f, framework="pt") for f in sorted(Path(path).glob("*.safetensors"))]
-        self._where = {name: f for f in self._files for name in f.keys()}
-        if not self._where:
-            raise FileNotFoundError(f"no *.safetensors weights in {path}")
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
-
-    def names(self) -> Iterable[str]:
-        return self._where.keys()
-
-
-def _open_source(path: str | Path):
-    try:
-        from llmserve.checkpoint.hf import HFCheckpoint
-    except ImportError:  # hf.py is being written concurrently; drop this fallback once it lands
-        return _SafetensorsSource(path)
-    return HFCheckpoint(path)
