@@ -66,16 +66,22 @@ def time_cuda(fn, repeat: int = 10) -> float:
 
 def measure_ceilings() -> dict:
     n = 1 << 30  # 2 GiB of bf16 per buffer
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_s = time_cuda(lambda: dst.copy_(src))
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_s = time_cuda(lambda: a @ b)
-    del a, b
+    copy_s = _time_copy(n)
+    mm_s = _time_matmul(8192)
     torch.cuda.empty_cache()
     return {"copy_bandwidth_Bps": 2 * n * 2 / copy_s, "bf16_matmul_flops": 2 * 8192 ** 3 / mm_s}
+
+
+def _time_copy(n: int) -> float:
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return time_cuda(lambda: dst.copy_(src))
+
+
+def _time_matmul(size: int) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return time_cuda(lambda: a @ b)
 
 
 # ---- rooflines ------------------------------------------------------------------------

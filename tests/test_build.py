@@ -1,0 +1,233 @@
+"""Build profiles, the engine repository, the build worker process and the trtllm-build command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve.build.profile import BuildProfile, load_profile
+from llmserve.build.repository import (
+    EngineRepository,
+    TargetMismatchError,
+    apply_overrides,
+    check_target,
+    checkpoint_hash,
+    load_engine,
+    read_manifest,
+)
+from llmserve.build.target import current_target, describe, library_versions
+from llmserve.build.trtllm_build import TrtllmUnavailableError, build_trtllm, missing_trtllm, trtllm_build_command
+from llmserve.build.worker import build_in_background, run_build
+from llmserve.config import EngineConfig
+from tests.conftest import make_hf_llama
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "build_configs"
+H100 = {"kind": "cuda", "compute_capability": "sm_90", "device_name": "NVIDIA H100"}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    hf_model = make_hf_llama(seed=3)
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    hf_model.save_pretrained(path)
+    return hf_model, path
+
+
+def tiny_profile(**overrides) -> BuildProfile:
+    fields = dict(name="tiny-cpu", backend="native", dtype="float32", max_batch_size=8, max_num_tokens=128,
+                  max_seq_len=256, max_input_len=128, kv_block_size=4)
+    return BuildProfile(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(backend="onnx"), "backend must be one of"),
+    (dict(dtype="int4"), "dtype must be one of"),
+    (dict(max_batch_size=0), "max_batch_size must be a positive integer"),
+    (dict(kv_block_size=24), "kv_block_size must be a power of two"),
+    (dict(max_input_len=512), "max_input_len (512) must not exceed max_seq_len (256)"),
+    (dict(gemm_plugin="int3"), "gemm_plugin must be one of"),
+    (dict(name=""), "profile name must be non-empty"),
+])
+def test_profile_validation_messages(overrides, message):
+    with pytest.raises(ValueError) as info:
+        tiny_profile(**overrides)
+    assert message in str(info.value)
+
+
+def test_load_yaml_and_toml_agree(tmp_path):
+    (tmp_path / "p.yaml").write_text("backend: trtllm\ndtype: bfloat16\nmax_batch_size: 32\nkv_block_size: 32\n")
+    (tmp_path / "p.toml").write_text('backend = "trtllm"\ndtype = "bfloat16"\nmax_batch_size = 32\n'
+                                     'kv_block_size = 32\n')
+    from_yaml, from_toml = load_profile(tmp_path / "p.yaml"), load_profile(tmp_path / "p.toml")
+    assert from_yaml == from_toml
+    assert (from_yaml.name, from_yaml.backend, from_yaml.max_batch_size,
+            from_yaml.kv_block_size) == ("p", "trtllm", 32, 32)
+
+
+def test_unknown_profile_field_is_refused(tmp_path):
+    (tmp_path / "bad.yaml").write_text("max_batch_sise: 4\n")
+    with pytest.raises(ValueError, match="max_batch_sise"):
+        load_profile(tmp_path / "bad.yaml")
+
+
+def test_shipped_profiles_load():
+    profiles = {p.stem: load_profile(p) for p in CONFIGS_DIR.glob("*.yaml")}
+    assert set(profiles) == {"smollm2-cpu", "smollm2-cuda", "llama-3.1-8b-tp1", "llama-3.1-8b-tp2"}
+    assert (profiles["smollm2-cpu"].backend, profiles["smollm2-cpu"].dtype) == ("native", "float32")
+    assert (profiles["smollm2-cuda"].backend, profiles["smollm2-cuda"].dtype) == ("native", "bfloat16")
+    for tp in (1, 2):
+        p = profiles[f"llama-3.1-8b-tp{tp}"]
+        assert (p.backend, p.dtype, p.tp_size, p.max_batch_size, p.max_num_tokens, p.max_seq_len,
+                p.kv_block_size, p.gemm_plugin) == ("trtllm", "bfloat16", tp, 256, 8192, 8192, 32, "auto")
+
+
+def test_engine_overrides_apply_to_engine_config():
+    config = apply_overrides(EngineConfig(), {**tiny_profile().engine_overrides(), "device": {"dtype": "float16"}})
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens,
+            config.scheduler.max_model_len, config.cache.block_size, config.device.dtype) == (8, 128, 256, 4, "float16")
+
+
+def test_target_and_versions():
+    assert current_target("cpu") == {"kind": "cpu"}
+    assert describe(H100) == "CUDA sm_90 (NVIDIA H100)"
+    assert {"torch", "transformers", "llmserve"} <= set(library_versions())
+
+
+def test_checkpoint_hash_tracks_content_and_memoises(hf_dir, tmp_path):
+    _, src = hf_dir
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in src.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    cache = tmp_path / "hashes.json"
+    first = checkpoint_hash(copy, cache)
+    assert first == checkpoint_hash(src) and len(json.loads(cache.read_text())) == 1
+    assert checkpoint_hash(copy, cache) == first
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    assert checkpoint_hash(copy, cache) != first  # new size/mtime: recomputed, not served from the memo
+
+
+def test_check_target_names_both_targets(tmp_path):
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    (engine_dir / "manifest.json").write_text(json.dumps({"target": H100, "profile": tiny_profile().to_dict(),
+                                                          "backend": "native"}))
+    with pytest.raises(TargetMismatchError) as info:
+        load_engine(engine_dir, current_target("cpu"))
+    assert "CUDA sm_90 (NVIDIA H100)" in str(info.value) and "CPU" in str(info.value)
+    check_target(read_manifest(engine_dir), {**H100, "device_name": "NVIDIA H100 NVL"})  # same sm: accepted
+
+
+def test_native_build_in_worker_matches_hf_logits(hf_dir, tmp_path):
+    hf_model, src = hf_dir
+    profile = tiny_profile()
+    result = run_build(src, profile, tmp_path / "engines", "cpu", timeout=300)
+    assert result.ok, result.error
+    repo = EngineRepository(tmp_path / "engines")
+    target = current_target("cpu")
+    assert repo.lookup(src, profile, target) == result.engine_dir
+    assert result.engine_dir.relative_to(repo.root).parts == (f"tiny-llama-{repo.hash(src)[:12]}", "tiny-cpu", "cpu")
+    manifest = read_manifest(result.engine_dir)
+    assert manifest["checkpoint_hash"] == checkpoint_hash(src)
+    assert (manifest["model_name"], manifest["backend"], manifest["target"]) == ("tiny-llama", "native", target)
+    assert manifest["profile"] == profile.to_dict() and manifest["build_seconds"] >= 0
+    assert {"checkpoint_dir", "library_versions", "built_at"} <= set(manifest)
+    assert [e["engine_dir"] for e in repo.entries()] == [str(result.engine_dir)]
+    assert not [p for p in result.engine_dir.parent.iterdir() if p.name.startswith(".building")]
+
+    payload, overrides = load_engine(result.engine_dir, target)
+    assert overrides["scheduler"]["max_num_seqs"] == 8 and overrides["cache"]["block_size"] == 4
+    assert native_logits(payload, [5, 9, 33, 2, 17]).shape == (5, 256)
+    torch.testing.assert_close(native_logits(payload, [5, 9, 33, 2, 17]), hf_logits(hf_model, [5, 9, 33, 2, 17]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_lookup_misses_for_changed_profile(hf_dir, tmp_path):
+    _, src = hf_dir
+    repo = EngineRepository(tmp_path)
+    assert repo.lookup(src, tiny_profile(), current_target("cpu")) is None
+
+
+def test_worker_reports_broken_checkpoint(hf_dir, tmp_path):
+    _, src = hf_dir
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in src.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    result = asyncio.run(build_in_background(broken, tiny_profile(), tmp_path / "engines", "cpu"))
+    assert not result.ok and result.engine_dir is None
+    assert "SafetensorError" in result.error  # the child's exception, carried to the parent
+    assert EngineRepository(tmp_path / "engines").entries() == []  # no manifest, no half-built folder
+    leftovers = list((tmp_path / "engines").rglob("*.safetensors")) if (tmp_path / "engines").exists() else []
+    assert leftovers == []
+
+
+def test_trtllm_build_command_from_profile():
+    profile = load_profile(CONFIGS_DIR / "llama-3.1-8b-tp2.yaml")
+    argv = trtllm_build_command(profile, "ckpt", "out")
+    flags = dict(zip(argv[1::2], argv[2::2]))
+    assert argv[0] == "trtllm-build"
+    assert flags == {"--checkpoint_dir": "ckpt", "--output_dir": "out", "--max_batch_size": "256",
+                     "--max_num_tokens": "8192", "--max_seq_len": "8192", "--max_input_len": "8192",
+                     "--tokens_per_block": "32", "--gemm_plugin": "auto", "--gpt_attention_plugin": "auto",
+                     "--kv_cache_type": "paged", "--remove_input_padding": "enable", "--context_fmha": "enable",
+                     "--use_paged_context_fmha": "enable", "--use_fused_mlp": "enable",
+                     "--multiple_profiles": "disable", "--workers": "2"}
+
+
+def test_trtllm_build_fails_fast_without_tensorrt_llm(hf_dir, tmp_path):
+    if not missing_trtllm():
+        pytest.skip("tensorrt_llm and trtllm-build are installed here")
+    _, src = hf_dir
+    with pytest.raises(TrtllmUnavailableError) as info:
+        build_trtllm(src, tiny_profile(backend="trtllm"), tmp_path / "out")
+    assert "tensorrt_llm" in str(info.value) and "NVIDIA" in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing converted before failing
+
+
+def native_logits(checkpoint_dir: Path, tokens: list[int]) -> torch.Tensor:
+    """Prefill logits of every position from the native engine over `checkpoint_dir` (float32, CPU)."""
+    from llmserve.config import CacheConfig, DeviceConfig, SchedulerConfig
+    from llmserve.engine.engine import Engine
+    from llmserve.engine.scheduler import SchedulerOutput
+    from llmserve.engine.sequence import Sequence
+    from llmserve.models.loader import load_model
+    from llmserve.sampling_params import SamplingParams
+
+    config, model = load_model(checkpoint_dir)
+    engine = Engine(model, config, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=16),
+                                                scheduler=SchedulerConfig(), device=DeviceConfig("cpu", "float32")))
+    seq = Sequence("a", tokens, SamplingParams(), max_output_tokens=1)
+    engine.kv.allocate_slots(seq, len(tokens))
+    step = SchedulerOutput()
+    step.add(seq, len(tokens))
+    batch = engine.runner.prepare_inputs(step)
+    with torch.no_grad():
+        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
+        return engine.runner.model.compute_logits(hidden)  # [T, V]
+
+
+def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([tokens])).logits[0]  # [T, V]
+
+
+def test_cli_convert_and_build(hf_dir, tmp_path, capsys):
+    from llmserve.cli import main
+
+    _, src = hf_dir
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "conv"), "--tp", "2", "--pp", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "conv").glob("rank*.safetensors")) == [
+        f"rank{r}.safetensors" for r in range(4)]
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "bad"), "--tp", "3"]) == 1
+    assert "tp=3 must divide" in capsys.readouterr().err
+    if missing_trtllm():
+        code = main(["build", "--checkpoint", str(src), "--config", str(CONFIGS_DIR / "llama-3.1-8b-tp1.yaml"),
+                     "--repo", str(tmp_path / "engines")])
+        assert code == 1 and "tensorrt_llm" in capsys.readouterr().err
