@@ -78,8 +78,10 @@ def _write_script(hf, script: list[int]) -> None:
 class ServerThread:
     """A real llmserve app on 127.0.0.1:<free port>, served from its own thread and loop."""
 
-    engine: object  # the synchronous Engine
+    engine: object  # the synchronous Engine, or None when every model is built in the background
     config: ServerConfig = field(default_factory=lambda: ServerConfig(port=0))
+    building: dict = field(default_factory=dict)  # served name -> EngineBuild (create_app's `building`)
+    extra_models: dict = field(default_factory=dict)  # served name -> synchronous Engine, served beside `engine`
     base_url: str = ""
     loop: asyncio.AbstractEventLoop | None = None
     app: web.Application | None = None
@@ -102,7 +104,9 @@ class ServerThread:
         self.loop.close()
 
     async def _start_site(self) -> None:
-        self.app = create_app(self.config, AsyncEngine(self.engine))
+        engine = None if self.engine is None else AsyncEngine(self.engine)
+        extra = {name: AsyncEngine(e) for name, e in self.extra_models.items()}
+        self.app = create_app(self.config, engine, extra_models=extra, building=self.building)
         self._runner = web.AppRunner(self.app, **runner_kwargs(self.config))
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

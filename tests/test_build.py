@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmserve.build.native import build_native
 from llmserve.build.profile import BuildProfile, load_profile
 from llmserve.build.repository import (
     EngineRepository,
@@ -16,11 +17,16 @@ from llmserve.build.repository import (
     apply_overrides,
     check_target,
     checkpoint_hash,
-    load_engine,
+    load_engine_config,
     read_manifest,
 )
 from llmserve.build.target import current_target, describe, library_versions
-from llmserve.build.trtllm_build import TrtllmUnavailableError, build_trtllm, missing_trtllm, trtllm_build_command
+from llmserve.build.trtllm_build import (
+    TrtllmUnavailableError,
+    build_trtllm,
+    missing_trtllm,
+    trtllm_build_command,
+)
 from llmserve.build.worker import build_in_background, run_build
 from llmserve.config import EngineConfig
 from tests.conftest import make_hf_llama
@@ -38,19 +44,19 @@ def hf_dir(tmp_path_factory):
 
 
 def tiny_profile(**overrides) -> BuildProfile:
-    fields = dict(name="tiny-cpu", backend="native", dtype="float32", max_batch_size=8, max_num_tokens=128,
-                  max_seq_len=256, max_input_len=128, kv_block_size=4)
+    fields = {"name": "tiny-cpu", "backend": "native", "dtype": "float32", "max_batch_size": 8, "max_num_tokens": 128,
+                  "max_seq_len": 256, "max_input_len": 128, "kv_block_size": 4}
     return BuildProfile(**{**fields, **overrides})
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(backend="onnx"), "backend must be one of"),
-    (dict(dtype="int4"), "dtype must be one of"),
-    (dict(max_batch_size=0), "max_batch_size must be a positive integer"),
-    (dict(kv_block_size=24), "kv_block_size must be a power of two"),
-    (dict(max_input_len=512), "max_input_len (512) must not exceed max_seq_len (256)"),
-    (dict(gemm_plugin="int3"), "gemm_plugin must be one of"),
-    (dict(name=""), "profile name must be non-empty"),
+    ({"backend": "onnx"}, "backend must be one of"),
+    ({"dtype": "int4"}, "dtype must be one of"),
+    ({"max_batch_size": 0}, "max_batch_size must be a positive integer"),
+    ({"kv_block_size": 24}, "kv_block_size must be a power of two"),
+    ({"max_input_len": 512}, "max_input_len (512) must not exceed max_seq_len (256)"),
+    ({"gemm_plugin": "int3"}, "gemm_plugin must be one of"),
+    ({"name": ""}, "profile name must be non-empty"),
 ])
 def test_profile_validation_messages(overrides, message):
     with pytest.raises(ValueError) as info:
@@ -105,8 +111,14 @@ def test_checkpoint_hash_tracks_content_and_memoises(hf_dir, tmp_path):
         (copy / f.name).write_bytes(f.read_bytes())
     cache = tmp_path / "hashes.json"
     first = checkpoint_hash(copy, cache)
-    assert first == checkpoint_hash(src) and len(json.loads(cache.read_text())) == 1
-    assert checkpoint_hash(copy, cache) == first
+    assert first == checkpoint_hash(src)  # content, not path, decides
+    memo = json.loads(cache.read_text())
+    assert len(memo) == 2  # config.json and model.safetensors, one digest each
+    # The memo is trusted for an untouched file: a forged digest changes the result, proving no rehash.
+    weights_key = next(k for k in memo if "model.safetensors" in k)
+    cache.write_text(json.dumps({**memo, weights_key: "0" * 64}))
+    assert checkpoint_hash(copy, cache) != first
+    cache.write_text(json.dumps(memo))
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
     assert checkpoint_hash(copy, cache) != first  # new size/mtime: recomputed, not served from the memo
@@ -118,7 +130,7 @@ def test_check_target_names_both_targets(tmp_path):
     (engine_dir / "manifest.json").write_text(json.dumps({"target": H100, "profile": tiny_profile().to_dict(),
                                                           "backend": "native"}))
     with pytest.raises(TargetMismatchError) as info:
-        load_engine(engine_dir, current_target("cpu"))
+        load_engine_config(engine_dir, current_target("cpu"))
     assert "CUDA sm_90 (NVIDIA H100)" in str(info.value) and "CPU" in str(info.value)
     check_target(read_manifest(engine_dir), {**H100, "device_name": "NVIDIA H100 NVL"})  # same sm: accepted
 
@@ -130,27 +142,32 @@ def test_native_build_in_worker_matches_hf_logits(hf_dir, tmp_path):
     assert result.ok, result.error
     repo = EngineRepository(tmp_path / "engines")
     target = current_target("cpu")
-    assert repo.lookup(src, profile, target) == result.engine_dir
+    assert repo.lookup_or_none(src, profile, target) == repo.lookup(src, profile, target) == result.engine_dir
     assert result.engine_dir.relative_to(repo.root).parts == (f"tiny-llama-{repo.hash(src)[:12]}", "tiny-cpu", "cpu")
     manifest = read_manifest(result.engine_dir)
-    assert manifest["checkpoint_hash"] == checkpoint_hash(src)
+    assert manifest["status"] == "ready" and manifest["checkpoint_hash"] == checkpoint_hash(src)
     assert (manifest["model_name"], manifest["backend"], manifest["target"]) == ("tiny-llama", "native", target)
     assert manifest["profile"] == profile.to_dict() and manifest["build_seconds"] >= 0
     assert {"checkpoint_dir", "library_versions", "built_at"} <= set(manifest)
-    assert [e["engine_dir"] for e in repo.entries()] == [str(result.engine_dir)]
+    assert [e["engine_dir"] for e in repo.list()] == [str(result.engine_dir)]
     assert not [p for p in result.engine_dir.parent.iterdir() if p.name.startswith(".building")]
+    assert repo.lookup_or_none(src, tiny_profile(max_batch_size=4), target) is None  # same name, other limits
 
-    payload, overrides = load_engine(result.engine_dir, target)
-    assert overrides["scheduler"]["max_num_seqs"] == 8 and overrides["cache"]["block_size"] == 4
+    payload, overrides = load_engine_config(result.engine_dir, target)
+    assert payload == result.engine_dir / "checkpoint"
+    assert overrides == {"cache": {"block_size": 4}, "device": {"dtype": "float32"},
+                         "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 128, "max_model_len": 256}}
     assert native_logits(payload, [5, 9, 33, 2, 17]).shape == (5, 256)
     torch.testing.assert_close(native_logits(payload, [5, 9, 33, 2, 17]), hf_logits(hf_model, [5, 9, 33, 2, 17]),
                                rtol=1e-4, atol=1e-4)
 
 
-def test_lookup_misses_for_changed_profile(hf_dir, tmp_path):
+def test_lookup_misses_when_not_built(hf_dir, tmp_path):
     _, src = hf_dir
     repo = EngineRepository(tmp_path)
-    assert repo.lookup(src, tiny_profile(), current_target("cpu")) is None
+    assert repo.lookup_or_none(src, tiny_profile(), current_target("cpu")) is None
+    with pytest.raises(FileNotFoundError, match="llmserve build"):
+        repo.lookup(src, tiny_profile(), current_target("cpu"))
 
 
 def test_worker_reports_broken_checkpoint(hf_dir, tmp_path):
@@ -163,9 +180,48 @@ def test_worker_reports_broken_checkpoint(hf_dir, tmp_path):
     result = asyncio.run(build_in_background(broken, tiny_profile(), tmp_path / "engines", "cpu"))
     assert not result.ok and result.engine_dir is None
     assert "SafetensorError" in result.error  # the child's exception, carried to the parent
-    assert EngineRepository(tmp_path / "engines").entries() == []  # no manifest, no half-built folder
+    assert EngineRepository(tmp_path / "engines").list() == []  # no manifest, no half-built folder
     leftovers = list((tmp_path / "engines").rglob("*.safetensors")) if (tmp_path / "engines").exists() else []
     assert leftovers == []
+
+
+def test_worker_reports_missing_tensor(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, src = hf_dir
+    broken = tmp_path / "tiny-llama"
+    broken.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = load_file(f)
+            del tensors["model.layers.1.mlp.down_proj.weight"]
+            save_file(tensors, broken / f.name, metadata={"format": "pt"})
+        else:
+            (broken / f.name).write_bytes(f.read_bytes())
+    result = run_build(broken, tiny_profile(), tmp_path / "engines", "cpu", timeout=300)
+    assert not result.ok and "model.layers.1.mlp.down_proj.weight" in result.error
+
+
+def test_native_build_from_converted_checkpoint_casts_and_checks(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmserve.checkpoint.convert import convert_checkpoint
+    from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint
+
+    _, src = hf_dir
+    converted = convert_checkpoint(src, tmp_path / "tp2", tp_size=2, dtype="float32", progress=False)
+    built = build_native(converted, tiny_profile(dtype="bfloat16", tp_size=2), tmp_path / "engine")
+    assert json.loads((built / "config.json").read_text())["dtype"] == "bfloat16"
+    for (name, got), (_, want) in zip(TrtllmCheckpoint(built).merged_tensors(),
+                                      TrtllmCheckpoint(converted).merged_tensors(), strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16)), name
+    with pytest.raises(ValueError, match="tp=2 pp=1.*wants tp=1 pp=1"):
+        build_native(converted, tiny_profile(), tmp_path / "other")
+    rank1 = load_file(converted / "rank1.safetensors")
+    del rank1["transformer.layers.0.mlp.proj.weight"]
+    save_file(rank1, converted / "rank1.safetensors")
+    with pytest.raises(ValueError, match="rank1.safetensors holds"):
+        build_native(converted, tiny_profile(tp_size=2), tmp_path / "third")
 
 
 def test_trtllm_build_command_from_profile():
@@ -231,3 +287,21 @@ def test_cli_convert_and_build(hf_dir, tmp_path, capsys):
         code = main(["build", "--checkpoint", str(src), "--config", str(CONFIGS_DIR / "llama-3.1-8b-tp1.yaml"),
                      "--repo", str(tmp_path / "engines")])
         assert code == 1 and "tensorrt_llm" in capsys.readouterr().err
+
+
+def test_cli_builds_a_converted_checkpoint_once(hf_dir, tmp_path, capsys):
+    from llmserve.cli import main
+
+    _, src = hf_dir
+    assert main(["convert", "--model", str(src), "--out", str(tmp_path / "conv"), "--tp", "2", "--pp", "2"]) == 0
+    (tmp_path / "tp2pp2.toml").write_text('backend = "native"\ndtype = "float32"\nmax_seq_len = 256\n'
+                                          'max_input_len = 128\ntp_size = 2\npp_size = 2\n')
+    argv = ["build", "--checkpoint", str(tmp_path / "conv"), "--config", str(tmp_path / "tp2pp2.toml"),
+            "--repo", str(tmp_path / "engines")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    engine_dir = Path(capsys.readouterr().out.strip())
+    assert read_manifest(engine_dir)["profile"]["tp_size"] == 2
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert Path(again.out.strip()) == engine_dir and "already built" in again.err

@@ -33,7 +33,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         profile = load_profile(args.config)
         if profile.backend == "trtllm":
             require_trtllm()  # say what is missing before any hashing or conversion
-        existing = EngineRepository(args.repo).lookup(checkpoint, profile, current_target(args.device))
+        existing = EngineRepository(args.repo).lookup_or_none(checkpoint, profile, current_target(args.device))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -54,8 +54,9 @@ def cmd_engines(args: argparse.Namespace) -> int:
     from llmserve.build.repository import EngineRepository
     from llmserve.build.target import describe
 
-    for entry in EngineRepository(args.repo).entries():
-        print(f"{entry['engine_dir']}\t{entry['backend']}\t{describe(entry['target'])}\t{entry['built_at']}")
+    for entry in EngineRepository(args.repo).list():
+        print(f"{entry['engine_dir']}\t{entry['backend']}\t{describe(entry['target'])}\t{entry['built_at']}\t"
+              f"{entry.get('status', '?')}")
     return 0
 
 

@@ -1,28 +1,84 @@
-"""The native backend's build: the checkpoint converted/cast to the profile's dtype and mapping, then checked."""
+"""The native backend's build: the checkpoint converted/cast to the profile's dtype and mapping, then checked.
+
+The profile itself (max batch, max tokens, max length, KV block size) travels in the engine's manifest;
+`repository.load_engine_config` turns it back into EngineConfig overrides at serve time.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from llmserve.build.profile import BuildProfile
 from llmserve.checkpoint import names
-from llmserve.checkpoint.convert import convert_checkpoint, heads_per_rank
-from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint
+from llmserve.checkpoint.convert import (
+    DTYPES,
+    convert_checkpoint,
+    copy_tokenizer_files,
+    heads_per_rank,
+    num_rank_tensors,
+)
+from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint, is_trtllm_checkpoint
 
 
 def build_native(checkpoint_dir: str | Path, profile: BuildProfile, out_dir: str | Path) -> Path:
     """Write `out_dir/checkpoint/` (TensorRT-LLM layout, profile dtype/tp/pp) and verify it; return it."""
-    target = Path(out_dir) / "checkpoint"
-    convert_checkpoint(checkpoint_dir, target, tp_size=profile.tp_size, pp_size=profile.pp_size,
-                       dtype=profile.dtype, progress=False)
+    target = prepare_checkpoint(checkpoint_dir, profile, Path(out_dir) / "checkpoint")
     verify_checkpoint(target, profile)
     return target
 
 
+def prepare_checkpoint(src: str | Path, profile: BuildProfile, dest: str | Path) -> Path:
+    """A TensorRT-LLM checkpoint of `src` at the profile's dtype and tp/pp, written into `dest`.
+
+    An HF checkpoint goes through `convert_checkpoint`. A converted one is copied (cast rank by rank when
+    its dtype differs); re-sharding a converted checkpoint is refused: convert again from the HF source.
+    """
+    if not is_trtllm_checkpoint(src):
+        return convert_checkpoint(src, dest, tp_size=profile.tp_size, pp_size=profile.pp_size,
+                                  dtype=profile.dtype, progress=False)
+    source = TrtllmCheckpoint(src)
+    have = (source.mapping.tp_size, source.mapping.pp_size)
+    if have != (profile.tp_size, profile.pp_size):
+        raise ValueError(f"{src} is a converted checkpoint with tp={have[0]} pp={have[1]}, but profile "
+                         f"{profile.name!r} wants tp={profile.tp_size} pp={profile.pp_size}; build from the "
+                         f"HuggingFace checkpoint, or convert again with `llmserve convert --tp "
+                         f"{profile.tp_size} --pp {profile.pp_size}`")
+    return _copy_converted(source, Path(dest), profile.dtype)
+
+
+def matches_profile(src: str | Path, profile: BuildProfile) -> bool:
+    """True when `src` is a converted checkpoint already at the profile's dtype, tp and pp."""
+    if not is_trtllm_checkpoint(src):
+        return False
+    config = json.loads((Path(src) / "config.json").read_text())
+    mapping = config.get("mapping", {})
+    return (config.get("dtype"), mapping.get("tp_size", 1), mapping.get("pp_size", 1)) == (
+        profile.dtype, profile.tp_size, profile.pp_size)
+
+
+def _copy_converted(source: TrtllmCheckpoint, dest: Path, dtype: str) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source.path / "config.json").read_text())
+    for rank in range(source.mapping.world_size):
+        if config.get("dtype") == dtype:
+            shutil.copy2(source.rank_path(rank), dest / source.rank_path(rank).name)
+            continue
+        shard = {name: t.to(DTYPES[dtype]) if t.is_floating_point() else t
+                 for name, t in load_file(source.rank_path(rank)).items()}
+        save_file(shard, dest / source.rank_path(rank).name, metadata={"format": "pt"})
+        del shard  # one rank in memory at a time
+    (dest / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2))
+    copy_tokenizer_files(source.path, dest)
+    return dest
+
+
 def verify_checkpoint(path: str | Path, profile: BuildProfile) -> None:
-    """Cheap checks from headers only: config readable, every rank file present, key shapes as the config says."""
+    """Cheap checks from headers only: config readable, every rank file present and complete, key shapes."""
     checkpoint = TrtllmCheckpoint(path)  # reads config.json, raises when a rank file is missing
     config, mapping = checkpoint.config, checkpoint.mapping
     if (mapping.tp_size, mapping.pp_size) != (profile.tp_size, profile.pp_size):
@@ -32,6 +88,9 @@ def verify_checkpoint(path: str | Path, profile: BuildProfile) -> None:
     qkv_rows = (q_heads + 2 * kv_heads) * config.head_dim
     for rank in range(mapping.world_size):
         with safe_open(checkpoint.rank_path(rank), framework="pt") as shard:
+            expected = num_rank_tensors(config, mapping, rank)
+            if len(shard.keys()) != expected:
+                raise ValueError(f"rank{rank}.safetensors holds {len(shard.keys())} tensors, expected {expected}")
             if mapping.pp_rank(rank) == 0:
                 _expect(shard, names.TRT_EMBEDDING, [config.vocab_size, config.hidden_size], rank)
             _expect(shard, names.trt_layer(0, names.QKV_TRT), [qkv_rows, config.hidden_size], rank)

@@ -10,7 +10,8 @@ import tomllib
 
 BACKENDS = ("native", "trtllm")
 DTYPES = ("float32", "float16", "bfloat16")
-GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32", "fp8")
+# trtllm-build --gemm_plugin choices (tensorrt_llm/plugin/plugin.py PLUGIN_DTYPE_OPTIONS_MAP["gemm_plugin"]).
+GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32", "int32", "fp8", "nvfp4")
 
 
 @dataclass(slots=True)

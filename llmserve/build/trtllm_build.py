@@ -1,10 +1,13 @@
 """The trtllm backend's build: convert the checkpoint, then run `trtllm-build` with flags from the profile.
 
-Flag spellings checked against TensorRT-LLM `tensorrt_llm/commands/build.py` (argparse: --checkpoint_dir,
---output_dir, --max_batch_size, --max_input_len, --max_seq_len, --max_num_tokens, --kv_cache_type,
---workers) and, for the plugin/feature flags (--gemm_plugin, --gpt_attention_plugin, --tokens_per_block,
---remove_input_padding, --context_fmha, --use_paged_context_fmha, --use_fused_mlp, --multiple_profiles),
-the notes' summary of `tensorrt_llm/plugin/plugin.py` (`add_plugin_argument`). Not executed here.
+Flag spellings checked (code-search tool) against TensorRT-LLM `tensorrt_llm/commands/build.py`
+(argparse: --checkpoint_dir, --output_dir, --max_batch_size, --max_input_len, --max_seq_len,
+--max_num_tokens, --kv_cache_type {continuous,paged,disabled} parsed by enum name, --workers) and
+`tensorrt_llm/plugin/plugin.py` (`add_plugin_argument` over `cli_plugin_args`: --gpt_attention_plugin and
+--gemm_plugin take auto|float16|float32|bfloat16|int32|disable (gemm also fp8|nvfp4); --context_fmha,
+--remove_input_padding, --use_paged_context_fmha, --use_fused_mlp, --multiple_profiles take enable|disable;
+--tokens_per_block takes an int). `--paged_kv_cache` is deprecated there, hence --kv_cache_type.
+Written against that source; never executed here (no tensorrt_llm on any machine of this project).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 from llmserve.build.profile import BuildProfile
-from llmserve.checkpoint.convert import convert_checkpoint
 
 ENGINE_SUBDIR = "trtllm_engine"
 
@@ -72,14 +74,26 @@ def require_trtllm() -> None:
 
 
 def build_trtllm(checkpoint_dir: str | Path, profile: BuildProfile, out_dir: str | Path) -> Path:
-    """Convert into `out_dir/checkpoint/`, run trtllm-build into `out_dir/trtllm_engine/`; return the latter."""
+    """Convert into `out_dir/checkpoint/`, run trtllm-build into `out_dir/trtllm_engine/`; return the latter.
+
+    The intermediate checkpoint is deleted after a successful build (the engine holds the weights);
+    tokenizer and generation-config files are copied next to the engine for serving.
+    """
+    from llmserve.build.native import matches_profile, prepare_checkpoint
+    from llmserve.checkpoint.convert import copy_tokenizer_files
+
     require_trtllm()  # fail fast: no conversion of an 8B model before learning the build cannot run
-    converted = convert_checkpoint(checkpoint_dir, Path(out_dir) / "checkpoint", tp_size=profile.tp_size,
-                                   pp_size=profile.pp_size, dtype=profile.dtype, progress=False)
+    intermediate = Path(out_dir) / "checkpoint"
+    if matches_profile(checkpoint_dir, profile):  # already converted as wanted: no 16 GB copy
+        converted = Path(checkpoint_dir)
+    else:
+        converted = prepare_checkpoint(checkpoint_dir, profile, intermediate)
     engine_dir = Path(out_dir) / ENGINE_SUBDIR
     command = trtllm_build_command(profile, converted, engine_dir)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout)[-4000:]
         raise RuntimeError(f"trtllm-build failed with exit code {result.returncode}:\n{tail}")
+    copy_tokenizer_files(checkpoint_dir, engine_dir)
+    shutil.rmtree(intermediate, ignore_errors=True)
     return engine_dir

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(slots=True)
@@ -64,62 +65,41 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of q [T, H, D] over each sequence's cached K/V; returns [T, H, D]."""
+    """Causal attention of q [T, H, D] over each sequence's cached K/V; returns [T, H, D].
+
+    One SDPA call per sequence over its gathered blocks: on CPU this beats a padded
+    batch, whose gather copies every sequence up to the longest context.
+    """
     out = torch.empty_like(q)
-    nd = meta.num_decodes
-    if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
-    start = nd
-    for b in range(nd, len(meta.query_lens_host)):
-        q_len, ctx = meta.query_lens_host[b], meta.context_lens_host[b]
+    start = 0
+    for b, (q_len, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
         keys, values = _gather_kv(k_cache, v_cache, meta.block_tables[b], ctx)
-        out[start:start + q_len] = _prefill_attention(q[start:start + q_len], keys, values, scale)
+        out[start:start + q_len] = _attend(q[start:start + q_len], keys, values, scale)
         start += q_len
     return out
 
 
 def _gather_kv(k_cache, v_cache, block_table, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `ctx` keys and values as [Hkv, C, D] views of gathered blocks."""
     num_blocks = -(-ctx // k_cache.shape[1])
-    blocks = block_table[:num_blocks]
-    keys = k_cache[blocks].flatten(0, 1)[:ctx]  # [C, Hkv, D]
-    values = v_cache[blocks].flatten(0, 1)[:ctx]
-    return keys, values
+    blocks = block_table[:num_blocks].long()
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx]  # [C, Hkv, D]
+    values = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx]
+    return keys.transpose(0, 1), values.transpose(0, 1)
 
 
-def _prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    q_len, num_heads, head_dim = q.shape
-    ctx, num_kv_heads = keys.shape[0], keys.shape[1]
-    group = num_heads // num_kv_heads
-    qg = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, q, D]
-    k = keys.permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, C, D]
-    v = values.permute(1, 0, 2).unsqueeze(1)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [Hkv, G, q, C]
-    # query i sits at position ctx - q_len + i and sees keys 0..that position
-    query_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
-    mask = torch.arange(ctx, device=q.device).unsqueeze(0) > query_pos  # [q, C]
-    scores.masked_fill_(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [Hkv, G, q, D]
-    return out.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
-
-
-def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    nd, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_heads // num_kv_heads
-    max_ctx = max(meta.context_lens_host[:nd])
-    num_blocks = -(-max_ctx // block_size)
-    tables = meta.block_tables[:nd, :num_blocks]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # [B, C, Hkv, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_ctx]
-    qg = q.view(nd, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,bchd->bhgc", qg, keys).float() * scale  # [B, Hkv, G, C]
-    lens = meta.context_lens[:nd].to(torch.long).view(nd, 1, 1, 1)
-    mask = torch.arange(max_ctx, device=q.device).view(1, 1, 1, -1) >= lens
-    scores.masked_fill_(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.einsum("bhgc,bchd->bhgd", probs, values)  # [B, Hkv, G, D]
-    return out.reshape(nd, num_heads, head_dim)
-
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q, H, D] at the last q of ctx positions, over keys/values [Hkv, C, D]; returns [q, H, D]."""
+    q_len, ctx = q.shape[0], keys.shape[1]
+    mask, causal = None, False
+    if q_len == ctx:
+        causal = True
+    elif q_len > 1:  # query i sits at position ctx - q_len + i and sees keys 0..that position
+        query_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
+        mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= query_pos  # [q, C]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=True)  # [H, q, D]
+    return out.transpose(0, 1)
 
 REFERENCE_BACKEND = AttentionBackend(write_kv, paged_attention)

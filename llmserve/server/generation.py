@@ -13,10 +13,8 @@ from llmserve.server.protocol import GenerationRequest
 
 
 def admit(engine: AsyncEngine, config: ServerConfig, gen: GenerationRequest, prompt_param: str) -> None:
-    """Raise the APIError a request gets before it reaches the engine (model, lengths, queue)."""
-    if gen.model is not None and gen.model != config.served_model_name:
-        raise APIError(404, f"the model '{gen.model}' does not exist; this server serves "
-                            f"'{config.served_model_name}'", param="model", code="model_not_found")
+    """Raise the APIError a request gets before it reaches the engine (lengths, queue); the model
+    was already chosen by the registry."""
     for prompt in gen.prompts:
         _check_length(engine, prompt, gen.params, prompt_param)
     if not engine.is_running:

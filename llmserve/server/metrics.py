@@ -1,7 +1,7 @@
 """Prometheus metrics, in a registry owned by the app (no process-global registry).
 
-Engine gauges and totals are read at scrape time; request histograms are observed as
-requests end.
+Engine gauges and totals are read at scrape time, summed over the ready models' engines
+(one model: that engine's values, no labels); request histograms are observed as requests end.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from llmserve.engine.async_engine import AsyncEngine
-
 if TYPE_CHECKING:
+    from llmserve.server.models import ModelRegistry
     from llmserve.server.state import RequestStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,7 +23,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 class ServerMetrics:
     """The app's metrics; `observe(stats)` once per finished generation request."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, models: ModelRegistry):
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "llmserve_requests", "Engine requests (one per choice) by finish reason; 'error' for refused "
@@ -35,7 +34,7 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("llmserve_e2e_request_latency_seconds", "Arrival to the end of the response",
                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(models))
 
     def observe(self, stats: "RequestStats", duration: float, failed: bool) -> None:
         for reason in stats.finish_reasons:
@@ -53,30 +52,44 @@ class ServerMetrics:
 
 
 class EngineCollector:
-    """Reads the engine's queue, KV pool and token totals at scrape time."""
+    """Reads the ready engines' queues, KV pools and token totals, and every model's status, at scrape time."""
 
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
+    def __init__(self, models: ModelRegistry):
+        self.models = models
 
     def describe(self):
         return []  # unknown until the first scrape; keeps registration free of side effects
 
     def collect(self):
-        core, kv = self.engine.engine, self.engine.engine.kv
+        engines = [m.engine for m in self.models.ready()]
+        cores = [e.engine for e in engines]
+        kvs = [core.kv for core in cores]
         yield _gauge("llmserve_requests_running", "Requests being decoded or prefilled",
-                     self.engine.num_running_requests)
-        yield _gauge("llmserve_requests_waiting", "Requests queued for admission", self.engine.num_waiting_requests)
-        yield _gauge("llmserve_kv_blocks_total", "KV cache blocks in the pool", kv.num_blocks)
-        yield _gauge("llmserve_kv_blocks_used", "KV blocks held by requests (ref count > 0)", kv.num_used_blocks)
+                     sum(e.num_running_requests for e in engines))
+        yield _gauge("llmserve_requests_waiting", "Requests queued for admission",
+                     sum(e.num_waiting_requests for e in engines))
+        yield _gauge("llmserve_kv_blocks_total", "KV cache blocks in the pool", sum(kv.num_blocks for kv in kvs))
+        yield _gauge("llmserve_kv_blocks_used", "KV blocks held by requests (ref count > 0)",
+                     sum(kv.num_used_blocks for kv in kvs))
         yield _gauge("llmserve_kv_blocks_cached", "Free KV blocks still holding a reusable prefix",
-                     kv.num_cached_blocks)
+                     sum(kv.num_cached_blocks for kv in kvs))
         yield _counter("llmserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                       kv.prefix_queries)
-        yield _counter("llmserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", kv.prefix_hits)
-        yield _counter("llmserve_prompt_tokens", "Prompt tokens admitted", core.num_prompt_tokens_total)
-        yield _counter("llmserve_generation_tokens", "Tokens generated", core.num_generation_tokens_total)
+                       sum(kv.prefix_queries for kv in kvs))
+        yield _counter("llmserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                       sum(kv.prefix_hits for kv in kvs))
+        yield _counter("llmserve_prompt_tokens", "Prompt tokens admitted", sum(c.num_prompt_tokens_total for c in cores))
+        yield _counter("llmserve_generation_tokens", "Tokens generated",
+                       sum(c.num_generation_tokens_total for c in cores))
         yield _counter("llmserve_preemptions", "Sequences preempted for lack of KV blocks",
-                       core.scheduler.num_preemptions)
+                       sum(c.scheduler.num_preemptions for c in cores))
+        yield self._model_ready()
+
+    def _model_ready(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("llmserve_model_ready", "1 when the model serves, 0 while building or failed",
+                                   labels=["model", "status"])
+        for name, status in self.models.statuses().items():
+            family.add_metric([name, status], 1.0 if status == "ready" else 0.0)
+        return family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

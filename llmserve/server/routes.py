@@ -8,21 +8,28 @@ from aiohttp import web
 
 from llmserve.server.errors import APIError
 from llmserve.server.metrics import CONTENT_TYPE
+from llmserve.server.models import ServedModel
 from llmserve.server.protocol import Limits, parse_chat, parse_completion
 from llmserve.server.responses import ChatRenderer, CompletionRenderer
 from llmserve.server.serving import read_json, serve_generation
-from llmserve.server.state import CONFIG, ENGINE, METRICS, SHUTTING_DOWN, STARTED, TOKEN_PIECES
+from llmserve.server.state import CONFIG, METRICS, MODELS, SHUTTING_DOWN, STARTED
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
-def _limits(app: web.Application) -> Limits:
-    engine = app[ENGINE].engine
-    return Limits(vocab_size=engine.model_config.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS)
+def _select(request: web.Request, body: dict) -> ServedModel:
+    """The ready model the body's `model` names (a non-string is refused later, by the parser)."""
+    name = body.get("model")
+    return request.app[MODELS].select(name if isinstance(name, str) else None)
 
 
-def _tokenizer(app: web.Application):
-    tokenizer = app[ENGINE].engine.tokenizer
+def _limits(app: web.Application, model: ServedModel) -> Limits:
+    vocab_size = model.engine.engine.model_config.vocab_size
+    return Limits(vocab_size=vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS)
+
+
+def _tokenizer(model: ServedModel):
+    tokenizer = model.engine.engine.tokenizer
     if tokenizer is None:
         raise APIError(500, "this model has no tokenizer", code="no_tokenizer")
     return tokenizer
@@ -30,43 +37,51 @@ def _tokenizer(app: web.Application):
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    gen = parse_chat(body, _tokenizer(request.app), _limits(request.app))
-    renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", request.app[CONFIG].served_model_name,
-                            request.app[TOKEN_PIECES], include_usage=gen.include_usage)
-    return await serve_generation(request, gen, renderer)
+    model = _select(request, body)
+    gen = parse_chat(body, _tokenizer(model), _limits(request.app, model))
+    renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
+                            include_usage=gen.include_usage)
+    return await serve_generation(request, model.engine, gen, renderer)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    gen = parse_completion(body, _tokenizer(request.app), _limits(request.app))
+    model = _select(request, body)
+    gen = parse_completion(body, _tokenizer(model), _limits(request.app, model))
     renderer = CompletionRenderer(
-        f"cmpl-{uuid.uuid4().hex}", request.app[CONFIG].served_model_name, request.app[TOKEN_PIECES],
+        f"cmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
         include_usage=gen.include_usage, prompts=gen.prompts, n=gen.params.n, echo_texts=gen.prompt_texts,
         logprobs_on=gen.params.logprobs is not None)
-    return await serve_generation(request, gen, renderer)
+    return await serve_generation(request, model.engine, gen, renderer)
 
 
-def _model_card(app: web.Application) -> dict:
-    return {"id": app[CONFIG].served_model_name, "object": "model", "created": app[STARTED], "owned_by": "llmserve",
-            "max_model_len": app[ENGINE].engine.max_model_len}
+def _model_card(app: web.Application, model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": app[STARTED], "owned_by": "llmserve",
+            "max_model_len": model.engine.engine.max_model_len}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app)]})
+    """The ready models only: one still building cannot be used yet."""
+    cards = [_model_card(request.app, m) for m in request.app[MODELS].ready()]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    name = request.match_info["model"]
-    if name != request.app[CONFIG].served_model_name:
-        raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-    return web.json_response(_model_card(request.app))
+    model = request.app[MODELS].select(request.match_info["model"])
+    return web.json_response(_model_card(request.app, model))
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once the engine loop runs, 503 before it and while shutting down."""
-    if not request.app[ENGINE].is_running or request.app[SHUTTING_DOWN].is_set():
-        return web.json_response({"status": "unavailable"}, status=503)
-    return web.json_response({"status": "ok"})
+    """200 when every model is ready and its engine loop runs; 503 before, while building, after a
+    failed build (the body names each model's status) and while shutting down."""
+    models = request.app[MODELS]
+    statuses = models.statuses()
+    if any(status != "ready" for status in statuses.values()):
+        status = "failed" if "failed" in statuses.values() else "building"
+        return web.json_response({"status": status, "models": statuses}, status=503)
+    if request.app[SHUTTING_DOWN].is_set() or not all(m.engine.is_running for m in models.ready()):
+        return web.json_response({"status": "unavailable", "models": statuses}, status=503)
+    return web.json_response({"status": "ok", "models": statuses})
 
 
 async def metrics(request: web.Request) -> web.Response:

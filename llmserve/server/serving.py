@@ -8,13 +8,14 @@ import logging
 
 from aiohttp import web
 
+from llmserve.engine.async_engine import AsyncEngine
 from llmserve.engine.engine import RequestOutput
 from llmserve.server.errors import APIError, bad_request
 from llmserve.server.generation import ChoiceRun, admit
 from llmserve.server.protocol import GenerationRequest
 from llmserve.server.responses import ChoiceState, Renderer, usage
 from llmserve.server.sse import SSEStream
-from llmserve.server.state import CONFIG, ENGINE, INFLIGHT, SHUTTING_DOWN, STATS
+from llmserve.server.state import CONFIG, INFLIGHT, SHUTTING_DOWN, STATS
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_ERROR = "the request was aborted because the server is shutting down"
@@ -33,9 +34,10 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-async def serve_generation(request: web.Request, gen: GenerationRequest, renderer: Renderer) -> web.StreamResponse:
-    """Admit `gen`, run all its choices in the engine, and answer; leaving aborts what still runs."""
-    engine, stats = request.app[ENGINE], request[STATS]
+async def serve_generation(request: web.Request, engine: AsyncEngine, gen: GenerationRequest, renderer: Renderer
+                           ) -> web.StreamResponse:
+    """Admit `gen`, run all its choices in `engine`, and answer; leaving aborts what still runs."""
+    stats = request[STATS]
     admit(engine, request.app[CONFIG], gen, renderer.prompt_param)
     stats.num_prompt_tokens = sum(len(p) for p in gen.prompts)
     run = ChoiceRun(engine, renderer.response_id, gen.prompts, gen.params)

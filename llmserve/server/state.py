@@ -12,8 +12,8 @@ from llmserve.engine.async_engine import AsyncEngine
 from llmserve.engine.engine import RequestOutput
 from llmserve.server.config import ServerConfig
 from llmserve.server.generation import InflightRuns
-from llmserve.server.logprobs import TokenPieces
 from llmserve.server.metrics import ServerMetrics
+from llmserve.server.models import ModelRegistry
 
 
 @dataclass(slots=True)
@@ -50,11 +50,11 @@ class RequestStats:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
-ENGINE = web.AppKey("engine", AsyncEngine)
+ENGINE = web.AppKey("engine", AsyncEngine)  # the first model's engine, when create_app was given one
+MODELS = web.AppKey("models", ModelRegistry)
 CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
 INFLIGHT = web.AppKey("inflight", InflightRuns)
-TOKEN_PIECES = web.AppKey("token_pieces", TokenPieces)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 STARTED = web.AppKey("started", int)  # unix time, the `created` of the model card
 STATS = web.RequestKey("stats", RequestStats)

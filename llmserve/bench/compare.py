@@ -1,0 +1,90 @@
+"""Side-by-side comparison of result files: one table with ratios against the first, one HTML report."""
+
+from __future__ import annotations
+
+import json
+
+from llmserve.bench import report
+
+# (column name, getter on a run's aggregates, scale for display)
+KEY_METRICS = [
+    ("req/s", lambda a: a["request_throughput"], 1.0),
+    ("out tok/s", lambda a: a["output_throughput"], 1.0),
+    ("total tok/s", lambda a: a["total_token_throughput"], 1.0),
+    ("goodput req/s", lambda a: a["goodput"], 1.0),
+    ("TTFT p50 ms", lambda a: a["ttft"]["p50"], 1e3),
+    ("TTFT p99 ms", lambda a: a["ttft"]["p99"], 1e3),
+    ("TPOT p50 ms", lambda a: a["tpot"]["p50"], 1e3),
+    ("ITL p50 ms", lambda a: a["itl"]["p50"], 1e3),
+    ("ITL p99 ms", lambda a: a["itl"]["p99"], 1e3),
+    ("E2E p50 ms", lambda a: a["e2e"]["p50"], 1e3),
+    ("error rate", lambda a: a["error_rate"], 1.0),
+]
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    results = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    return results
+
+
+def columns(results: list[dict]) -> list[tuple[str, dict]]:
+    """(name, run) for every run of every result, in file order."""
+    cols = []
+    for i, result in enumerate(results):
+        label = result.get("label") or f"run{i}"
+        for run in result["runs"]:
+            suffix = "" if len(result["runs"]) == 1 else f"@{run['offered_rate']}"
+            cols.append((label + suffix, run))
+    return cols
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    """value / base, or None when either is missing or base is zero."""
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def compare_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: one row per key metric, `value (xratio)` per run against the first run."""
+    cols = columns(results)
+    headers = ["metric"] + [name for name, _ in cols]
+    rows = []
+    for name, getter, scale in KEY_METRICS:
+        values = [getter(run["aggregates"]) for _, run in cols]
+        row = [name]
+        for value in values:
+            r = ratio(value, values[0])
+            shown = "-" if value is None else f"{value * scale:.2f}"
+            row.append(shown if r is None else f"{shown} (x{r:.2f})")
+        rows.append(row)
+    return headers, rows
+
+
+def format_text(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_html(results: list[dict]) -> str:
+    """All results in one page: the ratio table, overlaid CDFs, and each run's aggregates."""
+    headers, rows = compare_rows(results)
+    parts = ["<h2>Key metrics (ratio against the first)</h2>", report.table(headers, rows)]
+    plt = report.pyplot()
+    if plt is not None:
+        series = {name: report.records_of(run) for name, run in columns(results)}
+        parts += ["<h2>Latency CDFs</h2>", report.png_tag(plt, report.cdf_figure(plt, series))]
+    for name, run in columns(results):
+        parts += [f"<h3>{report.html.escape(name)}</h3>", report.aggregates_table([run])]
+    return report.page("llmserve bench compare", "".join(parts))
+
+
+def write_html(results: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_html(results))
