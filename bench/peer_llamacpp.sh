@@ -4,7 +4,7 @@
 # (they would otherwise share the same CPU cores). Writes JSON results and one comparison
 # report under bench/results/.
 #
-# usage: bench/peer_llamacpp.sh [extra llmserve serve flags, e.g. --quantization int8]
+# usage: [LABEL=llmserve-int8] [SKIP_LLAMACPP=1] bench/peer_llamacpp.sh [extra llmserve serve flags, e.g. --quantization int8]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -50,25 +50,29 @@ run_workload() {  # label, base url, model name
   done
 }
 
-# 3. llama.cpp: continuous batching with 16 slots, all cores.
-"$CACHE/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8101 -c 32768 -np 16 -t "$THREADS" -cb \
-  >"$OUT/llama-server.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null || true' EXIT
-wait_healthy http://127.0.0.1:8101 "$PID"
-run_workload llamacpp http://127.0.0.1:8101/v1 smollm2
-kill "$PID"; wait "$PID" 2>/dev/null || true
+# 3. llama.cpp: continuous batching with 16 slots, all cores (skipped when its results exist and
+#    SKIP_LLAMACPP=1, to add another llmserve configuration to the same comparison).
+PID=
+trap '[ -n "$PID" ] && kill $PID 2>/dev/null || true' EXIT
+if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
+  "$CACHE/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8101 -c 32768 -np 16 -t "$THREADS" -cb \
+    >"$OUT/llama-server.log" 2>&1 &
+  PID=$!
+  wait_healthy http://127.0.0.1:8101 "$PID"
+  run_workload llamacpp http://127.0.0.1:8101/v1 smollm2
+  kill "$PID"; wait "$PID" 2>/dev/null || true
+fi
 
 # 4. llmserve on the same model (dequantized from the same GGUF file).
 .venv/bin/llmserve serve --model default --host 127.0.0.1 --port 8102 --max-num-seqs 16 "$@" \
   >"$OUT/llmserve.log" 2>&1 &
 PID=$!
 wait_healthy http://127.0.0.1:8102 "$PID"
-run_workload llmserve http://127.0.0.1:8102/v1 default
+run_workload "${LABEL:-llmserve}" http://127.0.0.1:8102/v1 default
 kill -INT "$PID"; wait "$PID" 2>/dev/null || true
 
 for c in $CONCURRENCY; do
-  "$PY" -m llmserve.bench compare "$OUT/llamacpp-c$c.json" "$OUT/llmserve-c$c.json" --html "$OUT/compare-c$c.html" \
-    | tee "$OUT/compare-c$c.txt"
+  "$PY" -m llmserve.bench compare "$OUT/llamacpp-c$c.json" "$OUT/${LABEL:-llmserve}-c$c.json" --html "$OUT/compare-${LABEL:-llmserve}-c$c.html" \
+    | tee "$OUT/compare-${LABEL:-llmserve}-c$c.txt"
 done
 echo "results in $OUT"

@@ -11,7 +11,12 @@ from aiohttp import web
 
 @dataclass
 class FakeScript:
-    """What the server does; request indices count arrivals from 0."""
+    """What the server does; request indices count arrivals from 0.
+
+    `statuses`: index -> HTTP error status; `drop_after`: index -> chunks sent before the
+    connection is closed; `malformed`: indices that get a non-JSON data frame; `stall`:
+    index -> extra seconds before the first chunk (to trip a client timeout).
+    """
 
     first_delay: float = 0.1
     gap: float = 0.04
@@ -19,6 +24,8 @@ class FakeScript:
     send_usage: bool = True
     statuses: dict[int, int] = field(default_factory=dict)
     drop_after: dict[int, int] = field(default_factory=dict)
+    malformed: set[int] = field(default_factory=set)
+    stall: dict[int, float] = field(default_factory=dict)
 
 
 class FakeOpenAIServer:
@@ -68,7 +75,10 @@ class FakeOpenAIServer:
         num_chunks = int(body.get("max_tokens", 16))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        await asyncio.sleep(self.script.first_delay)
+        await asyncio.sleep(self.script.first_delay + self.script.stall.get(index, 0.0))
+        if index in self.script.malformed:
+            await resp.write(b"data: {not json\n\n")
+            return resp
         for i in range(num_chunks):
             if i > 0:
                 await asyncio.sleep(self.script.gap)

@@ -192,3 +192,15 @@ def test_bench_against_the_real_llmserve_server():
                 (None, 6, "usage")] * 4
     finally:
         server.stop()
+
+
+async def test_malformed_stream_and_timeout_are_their_own_error_kinds():
+    script = FakeScript(first_delay=0.02, gap=0.01, malformed={1}, stall={2: 1.0})
+    async with FakeOpenAIServer(script) as server:
+        endpoint = EndpointConfig(server.base_url, "m", request_timeout=0.4)
+        result = await run_load(requests_of(4, 3), endpoint, load(concurrency=1))
+    assert [r.error_kind for r in result.records] == [None, "malformed", "timeout", None]
+    timed_out = result.records[2]
+    assert timed_out.ttft is None and 0.4 - EARLY <= timed_out.e2e < 0.9  # cut at the timeout, not the stall
+    agg = summarize(result.records)
+    assert agg["errors_by_kind"] == {"malformed": 1, "timeout": 1} and agg["ttft"]["count"] == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -53,19 +52,51 @@ def test_resolve_model_errors(tmp_path):
     assert resolve_model(str(tmp_path)) == tmp_path
 
 
+@pytest.fixture(scope="module")
+def default_dir():
+    return pull_default_model(progress=None)
+
+
 @pytest.mark.slow
-def test_default_model_pull_is_idempotent_and_has_the_expected_shape():
+def test_second_pull_reuses_the_complete_directory(default_dir):
+    assert (default_dir / COMPLETE_MARKER).exists()
+    weights = default_dir / "model.safetensors"
+    before = weights.stat()
     messages = []
-    path = pull_default_model(progress=messages.append)
-    assert (path / COMPLETE_MARKER).exists()
-    start = time.monotonic()
-    assert pull_default_model(progress=messages.append) == path
-    assert time.monotonic() - start < 1.0, "a second pull must not redo the work"
-    config = HFCheckpoint(path).config
+    assert pull_default_model(progress=messages.append) == default_dir
+    assert messages == [], "a second pull must neither download nor rewrite anything"
+    after = weights.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.slow
+def test_default_model_is_a_plain_hf_llama_of_the_expected_shape(default_dir):
+    raw = json.loads((default_dir / "config.json").read_text())
+    assert raw["model_type"] == "llama" and raw["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in raw
+    ckpt = HFCheckpoint(default_dir)
+    config = ckpt.config
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (30, 576, 9)
     assert (config.num_key_value_heads, config.head_dim, config.vocab_size) == (3, 64, 49152)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0
-    assert (path / "tokenizer.json").exists() and (path / "chat_template.jinja").exists()
+    assert "model.layers.29.self_attn.q_proj.weight" in ckpt.names() and "lm_head.weight" not in ckpt.names()
+    assert ckpt.get("model.embed_tokens.weight").dtype == torch.float32
+    assert (default_dir / "tokenizer.json").exists() and (default_dir / "chat_template.jinja").exists()
+
+
+@pytest.mark.slow
+def test_hf_generate_on_the_pulled_model_answers_paris(default_dir):
+    # Fails if the GGUF q/k rope permutation were not undone: the output would be gibberish.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):

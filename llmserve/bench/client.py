@@ -158,6 +158,8 @@ async def send_request(session: aiohttp.ClientSession, request: BenchRequest, co
         record.error_kind, record.error_message = "disconnect", f"{type(exc).__name__}: {exc}"[:500]
     except (ValueError, UnicodeDecodeError) as exc:
         record.error_kind, record.error_message = "malformed", str(exc)[:500]
+    except aiohttp.ClientError as exc:  # anything else aiohttp raises must not abort the whole run
+        record.error_kind, record.error_message = "client_error", f"{type(exc).__name__}: {exc}"[:500]
     _finish(record, state, start, tokenizer)
     return record
 

