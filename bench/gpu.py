@@ -154,6 +154,8 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
         r["tpot_ms"] = 1e3 * (r["seconds"] - r["ttft_s"]) / 255
         r["roofline_tpot_ms"] = 1e3 * (weight_bytes(cfg) + 384 * kv_bytes_per_token(cfg)) / ceil["copy_bandwidth_Bps"]
         results["L"] = r
+    if "TTFT" in args.workloads:
+        results["TTFT"] = ttft_idle(engine, cfg, ceil)
     if "T" in args.workloads:
         prompts = workload_t(args.num_requests)
         run_engine(engine, prompts[:8], 4)  # warm-up
@@ -167,6 +169,19 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return results
+
+
+def ttft_idle(engine: Engine, cfg: ModelConfig, ceil: dict, prompt_len: int = 1024, repeat: int = 5) -> dict:
+    """Time to first token of one prompt on an idle engine (median of `repeat`), against its compute floor."""
+    rng = np.random.default_rng(1)
+    times = []
+    for i in range(repeat + 1):  # the first run warms up
+        prompt = rng.integers(100, 30000, size=prompt_len).tolist()  # fresh ids: no prefix-cache hit
+        times.append(run_engine(engine, [prompt], 1)["ttft_s"])
+    floor_s = 2 * weight_bytes(cfg) / 2 * prompt_len / ceil["bf16_matmul_flops"]
+    median = float(np.median(times[1:]))
+    return {"prompt_len": prompt_len, "ttft_ms": 1e3 * median, "compute_floor_ms": 1e3 * floor_s,
+            "ratio_to_floor": median / floor_s}
 
 
 # ---- HuggingFace peers -------------------------------------------------------------------
@@ -262,6 +277,10 @@ def print_table(report: dict) -> None:
                   f"roofline {t['roofline_output_tok_s']:.0f} -> {t['fraction_of_roofline']:.2f}; "
                   f"HF generate {_fmt(hf_rate)} (x{_ratio(t['output_tok_s'], hf_rate)}); "
                   f"HF generate_batch {_fmt(cb_rate)} (x{_ratio(t['output_tok_s'], cb_rate)})")
+        if "TTFT" in ours:
+            f = ours["TTFT"]
+            print(f"{name} TTFT ({f['prompt_len']} tokens, idle): {f['ttft_ms']:.1f} ms; compute floor "
+                  f"{f['compute_floor_ms']:.1f} ms (x{f['ratio_to_floor']:.2f})")
         if "L" in ours:
             l_ = ours["L"]
             hf_l = hf.get("L_generate", {}).get("tpot_ms")

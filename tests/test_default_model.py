@@ -131,3 +131,19 @@ def test_generate_cli_answers_paris():
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_converted_default_model_gives_the_same_greedy_text(loaded, default_dir, tmp_path):
+    from llmserve.checkpoint.convert import convert_checkpoint
+
+    converted = convert_checkpoint(default_dir, tmp_path / "trtllm", tp_size=1, pp_size=1, dtype="float32",
+                                   progress=False)
+    config, model = load_model(converted)
+    engine_config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=256), device=DeviceConfig("cpu", "float32"))
+    from_converted = LLM(engine=Engine(model, config, engine_config, tokenizer=load_tokenizer(converted)))
+    from_hf = make_llm(loaded)
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    got = [r.outputs[0].text for r in from_converted.chat(conversations, params)]
+    assert got == [r.outputs[0].text for r in from_hf.chat(conversations, params)]
+    assert "Paris" in got[0]

@@ -59,7 +59,10 @@ def arrival_gaps(num_requests: int, rate: float, burstiness: float, seed: int) -
 
 def _session() -> aiohttp.ClientSession:
     # No connection cap: the load shape, not the pool, decides how many requests are in flight.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+    # A fresh connection per request: reusing a keep-alive connection that the server has
+    # just closed fails with "Can not write request body" (seen against llama-server),
+    # which would count as a server error; a loopback connect costs well under a millisecond.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
 
 
 def _progress_bar(total: int, enabled: bool):
