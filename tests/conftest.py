@@ -55,3 +55,14 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
 @pytest.fixture(scope="session")
 def tiny_hf_llama():
     return make_hf_llama()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The default model's tokenizer (server tests pair it with tiny random models)."""
+    from tests.server_helpers import smollm2_tokenizer_or_none
+
+    tokenizer = smollm2_tokenizer_or_none()
+    if tokenizer is None:
+        pytest.skip("the default model's tokenizer is not materialised")
+    return tokenizer

@@ -8,17 +8,9 @@ import aiohttp
 import openai
 import pytest
 
-from tests.server_helpers import make_tiny_engine, metric_values, smollm2_tokenizer_or_none, start_server
+from tests.server_helpers import make_tiny_engine, metric_values, start_server
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

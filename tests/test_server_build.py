@@ -21,20 +21,12 @@ from llmserve.server.cli import app_from_args
 from llmserve.server.config import ServerConfig
 from llmserve.server.state import ENGINE, MODELS
 from tests.conftest import make_hf_llama
-from tests.server_helpers import ServerThread, make_tiny_engine, metric_values, smollm2_tokenizer_or_none, wait_until
+from tests.server_helpers import ServerThread, make_tiny_engine, metric_values, wait_until
 
 PROFILE = BuildProfile(name="tiny", max_batch_size=8, max_num_tokens=256, max_seq_len=512, max_input_len=256,
                        kv_block_size=16)
 BUILT_NUM_BLOCKS = 48
 FIRST_NUM_BLOCKS = 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,9 @@ from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.app import create_app
 from llmserve.server.config import ServerConfig
 from llmserve.server.routes import health
-from tests.server_helpers import make_tiny_engine, metric_values, smollm2_tokenizer_or_none, start_server, wait_until
+from tests.server_helpers import make_tiny_engine, metric_values, start_server, wait_until
 
 USER = [{"role": "user", "content": "Hello there."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    return tokenizer
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:

@@ -13,17 +13,9 @@ import pytest
 
 from llmserve.server.protocol import apply_chat_template
 from tests.server_helpers import (SCRIPT_TEXT, make_scripted_engine, make_tiny_engine, metric_values,
-                                  smollm2_tokenizer_or_none, start_server, wait_until)
+                                  start_server, wait_until)
 
 USER = [{"role": "user", "content": "Say your line."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
