@@ -67,8 +67,9 @@ class KVCacheManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hit: list[int] = []
         parent = None
+        tokens = seq.token_ids()
         for i in range(max_blocks):
-            parent = chain_hash(parent, self._block_tokens(seq, i))
+            parent = chain_hash(parent, self._block_tokens(tokens, i))
             block_id = self.hash_to_block.get(parent)
             if block_id is None:
                 break
@@ -128,9 +129,12 @@ class KVCacheManager:
             return
         hashes = self.seq_block_hashes.setdefault(seq.request_id, [])
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= len(hashes):
+            return
+        tokens = seq.token_ids()
         for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
-            block_hash = chain_hash(parent, self._block_tokens(seq, i))
+            block_hash = chain_hash(parent, self._block_tokens(tokens, i))
             hashes.append(block_hash)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None and block_hash not in self.hash_to_block:
@@ -160,7 +164,6 @@ class KVCacheManager:
         self.hash_to_block.clear()
         self.seq_block_hashes.clear()
 
-    def _block_tokens(self, seq: Sequence, index: int) -> list[int]:
+    def _block_tokens(self, tokens: list[int], index: int) -> list[int]:
         start = index * self.block_size
-        tokens = seq.token_ids()
         return tokens[start:start + self.block_size]
