@@ -13,6 +13,7 @@ from llmserve.engine.engine import Engine, load_tokenizer
 from llmserve.llm import LLM
 from llmserve.models.loader import load_model
 from llmserve.sampling_params import SamplingParams
+from tests.test_model_parity import run_staggered
 
 pytestmark = pytest.mark.slow
 
@@ -73,18 +74,9 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 def staggered_greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Request i arrives at engine step i; returns each request's tokens."""
-    engine, tokens = llm.engine, {}
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    pending = list(enumerate(prompts))
-    while pending or engine.has_unfinished_requests():
-        if pending:
-            i, prompt = pending.pop(0)
-            engine.add_request(f"q{i}", prompt, params)
-            tokens[f"q{i}"] = []
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    assert engine.kv.num_used_blocks == 0
-    return [tokens[f"q{i}"] for i in range(len(prompts))]
+    tokens = run_staggered(llm.engine, prompts, max_tokens)
+    assert llm.engine.kv.num_used_blocks == 0
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("variant", ["chunked-prefill", "preemption"])
