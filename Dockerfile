@@ -12,6 +12,12 @@ ARG TRTLLM_TAG=1.0.0
 
 # ---- bases: one per variant; the final stage picks one with VARIANT ---------------------------
 FROM python:3.11-slim-bookworm AS base-cpu
+# gcc builds the C CPU kernels on first use (llmserve/ops/cpu_kernels.py); without it the
+# slower torch reference runs
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
     LLMSERVE_DEVICE=cpu
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.ops.attention import REFERENCE_BACKEND, AttentionBackend, AttentionMetadata
-from llmserve.ops.fused import rms_norm, rope_, silu_and_mul
+from llmserve.ops.fused import add_rms_norm, rms_norm, rope_, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -86,9 +90,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(positions, q.view(-1, self.num_heads, self.head_dim))  # [T, H, D]
-        k = rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        qkv = self.qkv(x)  # [T, (H + 2 Hkv) D]
+        # q and k heads are adjacent in a row: one in-place rotation covers both
+        rotary(positions, qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                   self.head_dim))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [N, S, Hkv, D] each
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -117,9 +125,13 @@ class DecoderLayer(nn.Module):
         self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, positions, rotary, kv_cache, meta):
-        h = h + self.attention(self.input_layernorm(h), positions, rotary, kv_cache, meta)
-        return h + self.mlp(self.post_layernorm(h))
+    def forward(self, h, residual, positions, rotary, kv_cache, meta):
+        """h: the previous sublayer's output, residual: the stream before it (None at layer 0).
+        Returns this layer's MLP output and the stream before it; the next norm adds them."""
+        x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.attention(x, positions, rotary, kv_cache, meta)
+        x, residual = self.post_layernorm.add_forward(h, residual)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -131,10 +143,10 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        h = self.vocab_embedding(input_ids)  # [T, E]
+        h, residual = self.vocab_embedding(input_ids), None  # [T, E]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, positions, self.rotary, kv_cache, meta)
-        return self.ln_f(h)
+            h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
+        return self.ln_f.add_forward(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

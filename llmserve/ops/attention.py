@@ -46,12 +46,15 @@ class AttentionBackend:
 
 
 def select_attention(device: torch.device | str) -> AttentionBackend:
-    """The fastest backend for `device`: Triton kernels on CUDA, the torch reference elsewhere."""
+    """The fastest backend for `device`: Triton kernels on CUDA, the C decode kernel on CPU
+    when a C compiler is there, else the torch reference."""
     if torch.device(device).type == "cuda":
         from llmserve.ops.triton_attention import paged_attention_cuda, write_kv_triton
 
         return AttentionBackend(write_kv_triton, paged_attention_cuda)
-    return REFERENCE_BACKEND
+    from llmserve.ops import cpu_kernels
+
+    return CPU_BACKEND if cpu_kernels.load() is not None else REFERENCE_BACKEND
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -66,8 +69,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's cached K/V; returns [T, H, D].
 
-    One SDPA call per sequence over its gathered blocks: on CPU this beats a padded
-    batch, whose gather copies every sequence up to the longest context.
+    One gather and two bmm per sequence: plain and obviously right, the ground truth
+    the C and Triton kernels are tested against.
     """
     out = torch.empty_like(q)
     start = 0
@@ -76,6 +79,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[start:start + q_len] = _attend(q[start:start + q_len], keys, values, scale)
         start += q_len
     return out
+
+
+def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The C kernels (float32): one call for the decodes, one for the prefill chunks."""
+    from llmserve.ops import cpu_kernels
+
+    if q.dtype != torch.float32:
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+    num_decodes, num_seqs = meta.num_decodes, len(meta.query_lens_host)
+    parts = []
+    if num_decodes:  # decodes come first, one token each
+        parts.append(cpu_kernels.paged_decode_attention(
+            q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.context_lens[:num_decodes],
+            scale))  # [B_decode, H, D]
+    if num_decodes < num_seqs:
+        parts.append(cpu_kernels.paged_prefill_attention(
+            q[num_decodes:], k_cache, v_cache, meta.block_tables[num_decodes:],
+            meta.query_start_loc[num_decodes:] - num_decodes, meta.context_lens[num_decodes:], scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _gather_kv(k_cache, v_cache, block_table, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +132,6 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     out = torch.bmm(probs, values)  # [Hkv, G*q, D]
     return out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
 
+
 REFERENCE_BACKEND = AttentionBackend(write_kv, paged_attention)
+CPU_BACKEND = AttentionBackend(write_kv, paged_attention_cpu)

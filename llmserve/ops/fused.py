@@ -1,8 +1,8 @@
-"""Fused elementwise kernels for CUDA (RMSNorm, RoPE, SiLU-and-mul) with torch twins.
+"""Fused elementwise kernels (RMSNorm with the residual add, RoPE, SiLU-and-mul) with torch twins.
 
-A decode step is hundreds of tiny elementwise launches; each of these replaces 3-20 of
-them with one. Every function runs its torch twin on CPU (or without Triton), and the
-Triton version is tested against it.
+A decode step is hundreds of tiny elementwise ops; each of these replaces 3-20 of them
+with one: Triton on CUDA, C on CPU (float32, `cpu_kernels`), the torch twin elsewhere.
+The Triton and C versions are tested against the twins.
 Legend: T tokens, E hidden size, H heads, D head dim, I intermediate size.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from llmserve.ops import cpu_kernels
 
 try:
     import triton
@@ -48,9 +50,21 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps, E: tl.const
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x [T, E]."""
+    if cpu_kernels.usable(x) and x.dim() == 2 and weight.dtype == torch.float32:
+        return cpu_kernels.add_rms_norm(x, None, weight, eps)[0]
     if not _use_triton(x) or x.dim() != 2 or x.stride(1) != 1:
         return rms_norm_torch(x, weight, eps)
     return rms_norm_triton(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm step of a decoder layer: residual = x + residual (x alone when None),
+    returns (rms_norm(residual), residual). On CPU one pass, the sum written in place."""
+    if cpu_kernels.usable(x) and x.dim() == 2 and weight.dtype == torch.float32:
+        return cpu_kernels.add_rms_norm(x, residual, weight, eps)
+    residual = x if residual is None else x + residual
+    return rms_norm(residual, weight, eps), residual
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,6 +102,8 @@ def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads
 
 def rope_(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, H, D] in place at `positions` (tables [P, D/2] float32); returns x."""
+    if cpu_kernels.usable(x) and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return cpu_kernels.rope_(x, positions, cos_table, sin_table)
     if not _use_triton(x) or x.stride(2) != 1:
         x.copy_(rope_torch(x, cos_table[positions], sin_table[positions]))
         return x
@@ -116,6 +132,8 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I: tl.constexpr, BLOCK:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] holding gate then up -> silu(gate) * up [T, I]."""
+    if cpu_kernels.usable(gate_up) and gate_up.dim() == 2:
+        return cpu_kernels.silu_and_mul(gate_up)
     if not _use_triton(gate_up) or gate_up.stride(1) != 1:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
