@@ -4,7 +4,13 @@
 # (they would otherwise share the same CPU cores). Writes JSON results and one comparison
 # report under bench/results/.
 #
-# usage: [LABEL=llmserve-int8] [SKIP_LLAMACPP=1] bench/peer_llamacpp.sh [extra llmserve serve flags, e.g. --quantization int8]
+# Each concurrency level gets freshly started servers, llama.cpp first, then llmserve: both
+# keep finished prompts (llama-server in its RAM prompt cache, --cache-ram, on by default;
+# llmserve in its prefix cache), and a server reused across levels answers the later
+# levels' identical 64 prompts from cache -- on 2026-11-26 llama-server evaluated one prompt
+# token per request at c16. WARM=1 keeps one server of each for all levels instead.
+#
+# usage: [LABEL=llmserve-int8] [SKIP_LLAMACPP=1] [WARM=1] bench/peer_llamacpp.sh [extra llmserve serve flags, e.g. --quantization int8]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -43,33 +49,46 @@ wait_healthy() {  # url, pid
   return 1
 }
 
-run_workload() {  # label, base url, model name
-  for c in $CONCURRENCY; do
-    "$PY" -m llmserve.bench serve --base-url "$2" --model "$3" --dataset workload-c --concurrency "$c" \
-      --warmup 2 --label "$1-c$c" --out "$OUT/$1-c$c.json" --html "$OUT/$1-c$c.html"
-  done
+run_level() {  # label, base url, model name, concurrency
+  "$PY" -m llmserve.bench serve --base-url "$2" --model "$3" --dataset workload-c --concurrency "$4" \
+    --warmup 2 --label "$1-c$4" --out "$OUT/$1-c$4.json" --html "$OUT/$1-c$4.html"
 }
 
-# 3. llama.cpp: continuous batching with 16 slots, all cores (skipped when its results exist and
-#    SKIP_LLAMACPP=1, to add another llmserve configuration to the same comparison).
 PID=
 trap '[ -n "$PID" ] && kill $PID 2>/dev/null || true' EXIT
-if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
+start_llamacpp() {  # continuous batching with 16 slots, all cores
   "$CACHE/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8101 -c 32768 -np 16 -t "$THREADS" -cb \
-    >"$OUT/llama-server.log" 2>&1 &
+    >>"$OUT/llama-server.log" 2>&1 &
   PID=$!
   wait_healthy http://127.0.0.1:8101 "$PID"
-  run_workload llamacpp http://127.0.0.1:8101/v1 smollm2
-  kill "$PID"; wait "$PID" 2>/dev/null || true
-fi
+}
+start_llmserve() {  # the same model, dequantized from the same GGUF file
+  .venv/bin/llmserve serve --model default --host 127.0.0.1 --port 8102 --max-num-seqs 16 "$@" \
+    >>"$OUT/${LABEL:-llmserve}.log" 2>&1 &
+  PID=$!
+  wait_healthy http://127.0.0.1:8102 "$PID"
+}
+stop_server() {
+  kill -INT "$PID"; wait "$PID" 2>/dev/null || true
+  PID=
+}
 
-# 4. llmserve on the same model (dequantized from the same GGUF file).
-.venv/bin/llmserve serve --model default --host 127.0.0.1 --port 8102 --max-num-seqs 16 "$@" \
-  >"$OUT/llmserve.log" 2>&1 &
-PID=$!
-wait_healthy http://127.0.0.1:8102 "$PID"
-run_workload "${LABEL:-llmserve}" http://127.0.0.1:8102/v1 default
-kill -INT "$PID"; wait "$PID" 2>/dev/null || true
+# 3. One level at a time: llama.cpp (skipped with SKIP_LLAMACPP=1, to add another llmserve
+#    configuration to an existing comparison), then llmserve.
+LEVELS=$CONCURRENCY
+[ "${WARM:-0}" = 1 ] && LEVELS=all
+for level in $LEVELS; do
+  levels=$level
+  [ "$level" = all ] && levels=$CONCURRENCY
+  if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
+    start_llamacpp
+    for c in $levels; do run_level llamacpp http://127.0.0.1:8101/v1 smollm2 "$c"; done
+    stop_server
+  fi
+  start_llmserve "$@"
+  for c in $levels; do run_level "${LABEL:-llmserve}" http://127.0.0.1:8102/v1 default "$c"; done
+  stop_server
+done
 
 for c in $CONCURRENCY; do
   "$PY" -m llmserve.bench compare "$OUT/llamacpp-c$c.json" "$OUT/${LABEL:-llmserve}-c$c.json" --html "$OUT/compare-${LABEL:-llmserve}-c$c.html" \

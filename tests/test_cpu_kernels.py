@@ -30,6 +30,15 @@ def test_decode_kernel_matches_reference(group, block_size, head_dim):
     assert rel_error(out, paged_attention(q, k_cache, v_cache, meta, scale)) < 1e-5
 
 
+@pytest.mark.parametrize("contexts", [[1], [3], [100], [1025], [2, 700]])
+def test_decode_kernel_splits_few_contexts_into_parts_and_merges_them(contexts):
+    # fewer sequences than 2x threads: each context is split, empty parts included
+    q, k_cache, v_cache, meta = make_batch([(1, c) for c in contexts], num_decodes=len(contexts), group=3,
+                                           dtype=torch.float32, device="cpu")
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.125)
+    assert rel_error(out, paged_attention(q, k_cache, v_cache, meta, 0.125)) < 1e-5
+
+
 def test_decode_kernel_reads_q_rows_in_place_from_the_fused_qkv_output():
     q, k_cache, v_cache, meta = make_batch([(1, 40), (1, 9)], num_decodes=2, group=3, dtype=torch.float32,
                                            device="cpu")

@@ -11,6 +11,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -26,51 +27,83 @@ static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* Scores, softmax numerator and value sums of one sequence over keys [begin, end):
+ * max_out/sum_out [H] and acc [H, D] (unnormalised), merged by the caller. */
+static void decode_part(const float *query, const float *k_cache, const float *v_cache, const int32_t *table,
+                        int64_t begin, int64_t end, int64_t num_heads, int64_t group, int64_t head_dim,
+                        int64_t slot_size, int64_t block_size, float scale, float *max_out, float *sum_out,
+                        float *acc) {
+    const int64_t len = end - begin;
+    for (int64_t i = 0; i < num_heads * head_dim; i++) acc[i] = 0.0f;
+    for (int64_t h = 0; h < num_heads; h++) max_out[h] = -FLT_MAX, sum_out[h] = 0.0f;
+    if (len <= 0) return;
+    float *scores = malloc(sizeof(float) * num_heads * len); /* [H, len] */
+    for (int64_t t = begin; t < end; t++) {
+        const float *key = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
+        for (int64_t h = 0; h < num_heads; h++)
+            scores[h * len + t - begin] = dot(query + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
+    }
+    for (int64_t h = 0; h < num_heads; h++) {
+        float *row = scores + h * len;
+        float max = -FLT_MAX, sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) max = row[t] > max ? row[t] : max;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; t++) {
+            row[t] = expf(row[t] - max);
+            sum += row[t];
+        }
+        max_out[h] = max, sum_out[h] = sum;
+    }
+    for (int64_t t = begin; t < end; t++) {
+        const float *value = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
+        for (int64_t h = 0; h < num_heads; h++)
+            axpy(acc + h * head_dim, scores[h * len + t - begin], value + (h / group) * head_dim, head_dim);
+    }
+    free(scores);
+}
+
 /* q: [B, H, D] with row stride q_stride (floats between sequences); out: [B, H, D] contiguous.
  * k_cache, v_cache: [N, S, Hkv, D] contiguous. block_tables: [B, table_stride] int32.
- * One task per sequence walks its blocks in memory order (all KV heads of a slot are
- * adjacent), which streams from DRAM far better than one head at a time. */
+ * A task is one sequence, walking its blocks in memory order (all KV heads of a slot are
+ * adjacent), which streams from DRAM far better than one head at a time. With fewer
+ * sequences than threads, each context is split into parts whose softmaxes are merged. */
 void paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,
                                 float *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t block_size, float scale) {
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t slot_size = num_kv_heads * head_dim; /* floats per cached token */
+    const int64_t group = num_heads / num_kv_heads, width = num_heads * head_dim;
+    const int64_t threads = omp_get_max_threads();
+    const int64_t parts = num_seqs >= 2 * threads ? 1 : (2 * threads + num_seqs - 1) / num_seqs;
+    float *maxes = malloc(sizeof(float) * num_seqs * parts * num_heads); /* [B, P, H] */
+    float *sums = malloc(sizeof(float) * num_seqs * parts * num_heads);
+    float *accs = malloc(sizeof(float) * num_seqs * parts * width);      /* [B, P, H, D] */
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t ctx = context_lens[b];
-        const int32_t *table = block_tables + b * table_stride;
-        const float *query = q + b * q_stride;  /* [H, D] */
-        float *o = out + b * num_heads * head_dim; /* [H, D] */
-        float *scores = malloc(sizeof(float) * num_heads * ctx); /* [H, C] */
-        /* scores[h, t] = q[h] . k[t, h / G] * scale */
-        for (int64_t t = 0; t < ctx; t++) {
-            const float *key = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
-            for (int64_t h = 0; h < num_heads; h++)
-                scores[h * ctx + t] = dot(query + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
-        }
-        /* softmax over each head's row */
-        for (int64_t h = 0; h < num_heads; h++) {
-            float *row = scores + h * ctx;
-            float max = -FLT_MAX, sum = 0.0f;
-            for (int64_t t = 0; t < ctx; t++) max = row[t] > max ? row[t] : max;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < ctx; t++) {
-                row[t] = expf(row[t] - max);
-                sum += row[t];
-            }
-            const float inv = 1.0f / sum;
-            for (int64_t t = 0; t < ctx; t++) row[t] *= inv;
-        }
-        /* o[h] = sum_t scores[h, t] * v[t, h / G], one pass over the values */
-        for (int64_t i = 0; i < num_heads * head_dim; i++) o[i] = 0.0f;
-        for (int64_t t = 0; t < ctx; t++) {
-            const float *value = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
-            for (int64_t h = 0; h < num_heads; h++)
-                axpy(o + h * head_dim, scores[h * ctx + t], value + (h / group) * head_dim, head_dim);
-        }
-        free(scores);
+    for (int64_t task = 0; task < num_seqs * parts; task++) {
+        const int64_t b = task / parts, part = task % parts, ctx = context_lens[b];
+        const int64_t part_len = (ctx + parts - 1) / parts;
+        const int64_t begin = part * part_len, end = begin + part_len < ctx ? begin + part_len : ctx;
+        decode_part(q + b * q_stride, k_cache, v_cache, block_tables + b * table_stride, begin, end, num_heads, group,
+                    head_dim, num_kv_heads * head_dim, block_size, scale, maxes + task * num_heads,
+                    sums + task * num_heads, accs + task * width);
     }
+    for (int64_t b = 0; b < num_seqs; b++) {
+        for (int64_t h = 0; h < num_heads; h++) {
+            float max = -FLT_MAX, total = 0.0f;
+            for (int64_t p = 0; p < parts; p++) max = fmaxf(max, maxes[(b * parts + p) * num_heads + h]);
+            float *o = out + b * width + h * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
+            for (int64_t p = 0; p < parts; p++) {
+                const int64_t idx = (b * parts + p) * num_heads + h;
+                if (sums[idx] == 0.0f) continue; /* an empty part */
+                const float w = expf(maxes[idx] - max);
+                total += w * sums[idx];
+                axpy(o, w, accs + (b * parts + p) * width + h * head_dim, head_dim);
+            }
+            const float inv = 1.0f / total;
+            for (int64_t d = 0; d < head_dim; d++) o[d] *= inv;
+        }
+    }
+    free(maxes), free(sums), free(accs);
 }
 
 /* Causal attention of prefill chunks over paged KV: sequence b has q_len = qsl[b+1] - qsl[b]
