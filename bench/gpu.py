@@ -108,7 +108,8 @@ def roofline_t(cfg: ModelConfig, prompts: list[list[int]], out_len: int, ceil: d
 
 
 # ---- llmserve ---------------------------------------------------------------------------
-def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool) -> Engine:
+def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
+                async_scheduling: bool | None = None) -> Engine:
     torch.manual_seed(0)
     model = build_model(cfg, "cuda", "bfloat16")
     with torch.no_grad():
@@ -117,7 +118,7 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
     config = EngineConfig(
         model="random", cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                  max_model_len=4096, max_waiting=100000),
+                                  max_model_len=4096, max_waiting=100000, async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", "bfloat16", enforce_eager=enforce_eager))
     return Engine(model, cfg, config)
 
@@ -145,8 +146,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
 
 def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
     results = {}
-    engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager)
+    engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager,
+                         args.async_scheduling)
     results["kv_blocks"] = engine.kv.num_blocks
+    results["async_scheduling"] = engine.async_scheduling
     if "L" in args.workloads:
         prompt = workload_t(1)[0][:128]
         run_engine(engine, [prompt], 8)  # warm-up
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's (on for CUDA)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")

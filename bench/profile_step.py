@@ -3,7 +3,8 @@
 Usage: python bench/profile_step.py --model llama-1b --num-requests 256 --output-len 64
 Phases: schedule, prepare_inputs (host tensors + copies), forward (launch; CUDA graph
 replay when eligible), logits + sample (device), to-host (the one sync: waits for the GPU),
-update (scheduler bookkeeping), outputs (per-request deltas).
+advance/resolve (scheduler bookkeeping), outputs (per-request deltas). With async
+scheduling (the CUDA default) to-host is the time the host waits for the device.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def timed(name, fn, sync=False):
 def instrument(engine, sync: bool) -> None:
     runner = engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.scheduler.update = timed("update", engine.scheduler.update)
+    engine.scheduler.advance = timed("advance", engine.scheduler.advance)
+    engine.scheduler.resolve = timed("resolve", engine.scheduler.resolve)
     runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs, sync)
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, sync)
-    model_runner._to_host = timed("to_host", model_runner._to_host)
+    model_runner._finish_copy = timed("to_host", model_runner._finish_copy)
     engine._process_token = timed("outputs", engine._process_token)
 
 
@@ -55,9 +57,11 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--sync", action="store_true", help="synchronize after each phase (attributes GPU time)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()
     cfg = gpu.model_config(args.model)
-    engine = gpu.make_engine(cfg, max_num_seqs=256, max_num_batched_tokens=8192, enforce_eager=False)
+    engine = gpu.make_engine(cfg, max_num_seqs=256, max_num_batched_tokens=8192, enforce_eager=False,
+                             async_scheduling=args.async_scheduling)
     prompts = gpu.workload_t(args.num_requests)
     gpu.run_engine(engine, prompts[:4], 4)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -73,7 +77,7 @@ def main() -> None:
         steps += 1
     total = time.perf_counter() - start
     print(f"{args.model}: {steps} decode steps of ~{args.num_requests} seqs, {1e3 * total / steps:.2f} ms/step "
-          f"(sync after phases: {args.sync})")
+          f"(sync after phases: {args.sync}, async scheduling: {engine.async_scheduling})")
     for name, seconds in sorted(TIMES.items(), key=lambda kv: -kv[1]):
         print(f"  {name:15s} {1e3 * seconds / steps:7.3f} ms/step")
 

@@ -22,6 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule and launch step N+1 before step N's tokens reach the host "
+                             "(default: on for CUDA, off for CPU)")
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 weights with dynamic int8 activations (about 2x faster decode)")
     parser.add_argument("--seed", type=int, default=0)
@@ -39,7 +42,8 @@ def engine_config_from_args(args: argparse.Namespace):
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                  max_waiting=getattr(args, "max_waiting", 1024)),
+                                  max_waiting=getattr(args, "max_waiting", 1024),
+                                  async_scheduling=args.async_scheduling),
         device=DeviceConfig(device=args.device, dtype=dtype, enforce_eager=args.enforce_eager,
                             quantization=args.quantization))
 

@@ -31,6 +31,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_model_len: int = 8192
     max_waiting: int = 1024  # beyond this, new requests are refused (HTTP 429)
+    # queue step N+1 on the device before step N's tokens reach the host; None: on for CUDA
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         assert self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"

@@ -58,6 +58,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def uses_output_ids(self) -> bool:
+        """Whether sampling reads the ids generated so far (the penalties do)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:

@@ -38,7 +38,8 @@ def native_from_hf(hf_model, dtype: str = "float32"):
 
 
 def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 256,
-                max_num_seqs: int = 32, tokenizer=None, enable_prefix_caching: bool = True):
+                max_num_seqs: int = 32, tokenizer=None, enable_prefix_caching: bool = True,
+                async_scheduling: bool | None = None):
     """An engine over the native twin of `hf_model`, with a small pool by default."""
     from llmserve.engine.engine import Engine
 
@@ -47,7 +48,8 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
         model="in-memory",
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  async_scheduling=async_scheduling),
         device=DeviceConfig("cpu", "float32"))
     return Engine(model, config, engine_config, tokenizer=tokenizer)
 

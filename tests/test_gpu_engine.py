@@ -19,7 +19,8 @@ SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
 
 
-def cuda_engine(hf_model, dtype: str, enforce_eager: bool, block_size: int = 16) -> Engine:
+def cuda_engine(hf_model, dtype: str, enforce_eager: bool, block_size: int = 16,
+                async_scheduling: bool | None = None) -> Engine:
     config = ModelConfig.from_hf(hf_model.config.to_dict())
     model = build_model(config, "cuda", dtype)
     state = {k: v.cuda() for k, v in hf_model.state_dict().items()}
@@ -27,7 +28,8 @@ def cuda_engine(hf_model, dtype: str, enforce_eager: bool, block_size: int = 16)
                                                 config.tie_word_embeddings))
     engine_config = EngineConfig(
         cache=CacheConfig(block_size=block_size, num_blocks=512),
-        scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=32, max_model_len=1024),
+        scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=32, max_model_len=1024,
+                                  async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", dtype, enforce_eager=enforce_eager))
     return Engine(model, config, engine_config)
 
@@ -96,6 +98,16 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(dtype):
     graphed_engine = cuda_engine(hf_model, dtype, enforce_eager=False)
     assert graphed_engine.runner.graphs is not None
     assert run(graphed_engine, batch, 40) == eager
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_async_scheduling_gives_the_same_tokens_as_sync(dtype):
+    hf_model = make_hf_llama(seed=7, **SHAPE)
+    batch = prompts(20, seed=3)
+    sync = run(cuda_engine(hf_model, dtype, enforce_eager=False, async_scheduling=False), batch, 40)
+    overlapped = cuda_engine(hf_model, dtype, enforce_eager=False)
+    assert overlapped.async_scheduling, "async scheduling is the CUDA default"
+    assert run(overlapped, batch, 40) == sync
 
 
 def test_kv_cache_sized_from_free_memory():

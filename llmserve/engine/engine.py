@@ -12,7 +12,7 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import EngineConfig
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.model_runner import DTYPES, ModelRunner, SampledToken, kv_bytes_per_block
+from llmserve.engine.model_runner import DTYPES, LaunchedStep, ModelRunner, SampledToken, kv_bytes_per_block
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import FinishReason, Sequence
 from llmserve.sampling_params import SamplingParams
@@ -59,6 +59,9 @@ class Engine:
         self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks,
                                   self.max_model_len, config.scheduler.max_num_seqs)
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
+        async_scheduling = config.scheduler.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._in_flight: tuple[LaunchedStep, list] | None = None
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -131,21 +134,58 @@ class Engine:
         return self._output(request, [], "")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the step -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns a delta for every request that progressed."""
+        """Run one scheduling step; returns a delta for every request that progressed.
+
+        With async scheduling the deltas are those of the previous step: this step is
+        queued on the device first, so the host's work overlaps the device's.
+        """
+        if self.async_scheduling:
+            return self._step_overlapped()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
         self.scheduler.update(out, [s.token_id for s in sampled])
+        return self._outputs(out, sampled)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        if self._in_flight is not None and self._needs_output_ids():
+            return self._finish_in_flight()  # penalties read the previous ids: no overlap
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return self._finish_in_flight()
+        previous = self._in_flight[0] if self._in_flight is not None else None
+        launched = self.runner.launch(out, previous)
+        pending = self.scheduler.advance(out)
+        outputs = self._finish_in_flight()  # waits for the previous step while this one runs
+        self._in_flight = (launched, pending)
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        (launched, pending), self._in_flight = self._in_flight, None
+        sampled = self.runner.collect(launched)
+        self.scheduler.resolve(launched.out, pending, [s.token_id for s in sampled])
+        return self._outputs(launched.out, sampled)
+
+    def _needs_output_ids(self) -> bool:
+        return any(seq.params.uses_output_ids for seq in self.scheduler.running)
+
+    def _outputs(self, out, sampled: list[SampledToken]) -> list[RequestOutput]:
         samples = iter(sampled)
         outputs = []
         for i, seq in enumerate(out.seqs):
-            if out.samples(i):
-                outputs.append(self._process_token(self.requests[seq.request_id], next(samples)))
+            if not out.samples(i):
+                continue
+            token = next(samples)
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.seq is seq:  # not ended while the step ran
+                outputs.append(self._process_token(request, token))
         return outputs
 
     def _process_token(self, request: _Request, token: SampledToken) -> RequestOutput:
@@ -177,7 +217,7 @@ class Engine:
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids),
+            num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=tokens if seq.params.logprobs is not None else None,
         )

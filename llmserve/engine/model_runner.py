@@ -1,7 +1,10 @@
 """Turns a SchedulerOutput into flat batch tensors, runs the model and samples.
 
 Owns the model, the KV cache (one preallocated tensor, views per layer) and the
-sampler. One device-to-host transfer of sampled ids (and logprobs) per step.
+sampler. One device-to-host transfer of sampled ids (and logprobs) per step. `launch`
+queues a step on the device and returns at once; `collect` waits for its tokens. Between
+the two the host can schedule and launch the next step, whose decode inputs may be
+placeholders: their ids are copied on the device from the previous step's samples.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
 from llmserve.engine.sampler import Sampler
 from llmserve.engine.scheduler import SchedulerOutput
-from llmserve.engine.sequence import Sequence
+from llmserve.engine.sequence import PLACEHOLDER, Sequence
 from llmserve.ops.attention import AttentionMetadata
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,6 +31,22 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: its sampled ids there, and their copy on the way to the host."""
+
+    out: SchedulerOutput
+    sample_seqs: list[Sequence]  # in batch order, matching the rows of token_ids
+    token_ids: torch.Tensor | None  # [B_sample] on the device; the next step's placeholder inputs
+    host: torch.Tensor | None  # the packed copy being made (pinned on CUDA)
+    ready: object | None  # a CUDA event recorded after that copy
+    num_top: int  # top logprobs per row in `host`
+    has_logprobs: bool
+
+    def row_of(self) -> dict[int, int]:
+        return {id(seq): row for row, seq in enumerate(self.sample_seqs)}
 
 
 @dataclass(slots=True)
@@ -70,17 +89,31 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
                                        scratch_block=num_blocks, block_size=self.block_size)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run the step; returns one SampledToken per sampling sequence, in schedule order."""
-        batch = self.prepare_inputs(out)
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step on the device (CPU: run it); `previous` supplies placeholder inputs."""
+        batch = self.prepare_inputs(out, previous)
         hidden = self._forward(batch)
         if not batch.sample_seqs:
-            return []
+            return LaunchedStep(out, [], None, None, None, 0, False)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        sampled = self._sample(logits, batch.sample_seqs)
-        by_seq = dict(zip(map(id, batch.sample_seqs), sampled))
-        return [by_seq[id(seq)] for i, seq in enumerate(out.seqs) if out.samples(i)]
+        for seq in batch.sample_seqs:
+            if seq.params.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        result = self.sampler(logits, batch.sample_seqs)
+        return _start_copy(out, batch.sample_seqs, result)
+
+    def collect(self, step: LaunchedStep) -> list[SampledToken]:
+        """Wait for the step's samples; one SampledToken per sampling sequence, in schedule order."""
+        if not step.sample_seqs:
+            return []
+        sampled = _finish_copy(step)
+        by_seq = dict(zip(map(id, step.sample_seqs), sampled))
+        return [by_seq[id(seq)] for i, seq in enumerate(step.out.seqs) if step.out.samples(i)]
 
     def _forward(self, batch: BatchInputs) -> torch.Tensor:
         num_seqs = len(batch.meta.query_lens_host)
@@ -89,17 +122,24 @@ class ModelRunner:
             return self.graphs.run(batch.input_ids, batch.positions, batch.meta)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
-    def prepare_inputs(self, out: SchedulerOutput) -> BatchInputs:
+    def prepare_inputs(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> BatchInputs:
         """Flatten scheduled sequences (decodes first) into the model's input tensors."""
         order = sorted(range(len(out.seqs)), key=lambda i: out.num_scheduled_tokens[i] != 1)
         input_ids, positions, slots, tables = [], [], [], []
         query_lens, context_lens, logits_indices, sample_seqs = [], [], [], []
+        fill_rows, fill_sources = [], []  # placeholder inputs <- rows of previous.token_ids
+        previous_row = previous.row_of() if previous is not None else {}
         block_size = self.block_size
         for i in order:
             seq, num_new = out.seqs[i], out.num_scheduled_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             if num_new == 1:  # the common decode case, without per-token generators
-                input_ids.append(seq.token_at(start))
+                token = seq.token_at(start)
+                if token == PLACEHOLDER:
+                    fill_rows.append(len(input_ids))
+                    fill_sources.append(previous_row[id(seq)])
+                    token = 0
+                input_ids.append(token)
                 positions.append(start)
                 slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
             else:
@@ -113,8 +153,11 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         num_decodes = sum(1 for n in query_lens if n == 1)
-        ids, pos, slot, ctx, qsl, logit_idx, table = self._to_device(
-            [input_ids, positions, slots, context_lens, _cumsum0(query_lens), logits_indices], _pad(tables))
+        ids, pos, slot, ctx, qsl, logit_idx, rows, sources, table = self._to_device(
+            [input_ids, positions, slots, context_lens, _cumsum0(query_lens), logits_indices, fill_rows,
+             fill_sources], _pad(tables))
+        if fill_rows:  # on the device: no wait for the previous step
+            ids.index_copy_(0, rows, previous.token_ids.index_select(0, sources))
         meta = AttentionMetadata(
             slot_mapping=slot, block_tables=table, context_lens=ctx, query_start_loc=qsl,
             num_decodes=num_decodes, max_context_len=max(context_lens),
@@ -137,30 +180,40 @@ class ModelRunner:
         host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory().to(self.device, non_blocking=True)
-        ids, pos, slot, ctx, qsl, logit_idx, table_flat = host.split(sizes)
+        ids, pos, slot, ctx, qsl, logit_idx, rows, sources, table_flat = host.split(sizes)
         as_int32 = [t.to(torch.int32) for t in (ctx, qsl, table_flat)]
-        return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, as_int32[2].view(table.shape)]
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-        for seq in seqs:
-            if seq.params.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-        result = self.sampler(logits, seqs)
-        return _to_host(result, seqs)
+        return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, rows, sources, as_int32[2].view(table.shape)]
 
 
-def _to_host(result, seqs: list[Sequence]) -> list[SampledToken]:
-    # One transfer: pack everything the host needs into a single tensor.
-    token_ids = result.token_ids.tolist() if result.logprobs is None else None
-    if token_ids is not None:
-        return [SampledToken(t) for t in token_ids]
-    parts = [result.token_ids.double().unsqueeze(1), result.logprobs.double().unsqueeze(1)]
-    if result.top_token_ids is not None:
-        parts += [result.top_token_ids.double(), result.top_logprobs.double()]
-    packed = torch.cat(parts, dim=1).cpu().tolist()
-    k = 0 if result.top_token_ids is None else result.top_token_ids.shape[1]
+
+def _start_copy(out: SchedulerOutput, seqs: list[Sequence], result) -> LaunchedStep:
+    """Start the one device-to-host copy of the step: ids, plus logprobs when asked."""
+    parts = [result.token_ids.unsqueeze(1)]
+    has_logprobs, k = result.logprobs is not None, 0
+    if has_logprobs:
+        parts = [result.token_ids.double().unsqueeze(1), result.logprobs.double().unsqueeze(1)]
+        if result.top_token_ids is not None:
+            k = result.top_token_ids.shape[1]
+            parts += [result.top_token_ids.double(), result.top_logprobs.double()]
+    packed = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, 1 (+ 1 + 2K)]
+    host, ready = packed, None
+    if packed.is_cuda:
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    return LaunchedStep(out, seqs, result.token_ids, host, ready, k, has_logprobs)
+
+
+def _finish_copy(step: LaunchedStep) -> list[SampledToken]:
+    if step.ready is not None:
+        step.ready.synchronize()
+    rows = step.host.tolist()
+    if not step.has_logprobs:
+        return [SampledToken(row[0]) for row in rows]
+    k = step.num_top
     tokens = []
-    for row, seq in zip(packed, seqs):
+    for row, seq in zip(rows, step.sample_seqs):
         token = SampledToken(int(row[0]))
         if seq.params.logprobs is not None:
             token.logprob = row[1]

@@ -4,6 +4,11 @@ One rule (as vLLM v1): every sequence's `num_computed_tokens` chases its `num_to
 under a per-step token budget, so chunked prefill and decode are the same path. When
 the KV pool runs dry, the newest running sequence is preempted (its blocks freed, to be
 recomputed) and requeued at the front. Plain Python: no torch.
+
+A step's results arrive in two parts, so the next step can be scheduled while the device
+still works (async scheduling): `advance()` counts the tokens as computed and gives each
+sampling sequence a placeholder output, `resolve()` fills in the sampled ids and stops
+sequences. `update()` does both at once.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 from llmserve.config import SchedulerConfig
 from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from llmserve.engine.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -77,6 +82,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if len(seq.output_token_ids) >= seq.max_output_tokens:
+                index += 1  # its last token is still on the device; it ends when resolved
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running.pop()
@@ -109,23 +117,39 @@ class Scheduler:
         return out
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Apply one step's results: advance computed tokens, append samples, finish.
+        """Apply one step's results at once; returns the sequences that finished.
 
         `sampled_token_ids` holds one id per sequence for which `out.samples(i)` is true,
-        in schedule order. Returns the sequences that finished this step.
+        in schedule order.
         """
-        finished = []
-        samples = iter(sampled_token_ids)
+        return self.resolve(out, self.advance(out), sampled_token_ids)
+
+    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Count the step's tokens as computed and append a placeholder output to each
+        sampling sequence; returns (sequence, output index) of each, in schedule order."""
+        pending = []
         for i, seq in enumerate(out.seqs):
-            sampled = out.samples(i)
             seq.num_computed_tokens += out.num_scheduled_tokens[i]
-            self.kv.cache_full_blocks(seq)
-            if not sampled or seq.is_finished:
-                continue
-            token_id = next(samples)
-            seq.output_token_ids.append(token_id)
-            reason = self._stop_reason(seq, token_id)
-            if reason is not None:
+            if out.samples(i):
+                pending.append((seq, len(seq.output_token_ids)))
+                seq.output_token_ids.append(PLACEHOLDER)
+        return pending
+
+    def resolve(self, out: SchedulerOutput, pending: list[tuple[Sequence, int]],
+                sampled_token_ids: list[int]) -> list[Sequence]:
+        """Put the sampled ids in place of `advance`'s placeholders, register newly full
+        blocks, and finish sequences that stop. Sequences that ended meanwhile are skipped."""
+        live = [(seq, index, token_id) for (seq, index), token_id in zip(pending, sampled_token_ids, strict=True)
+                if not seq.is_finished]
+        for seq, index, token_id in live:
+            seq.output_token_ids[index] = token_id
+        for seq in out.seqs:  # before any finish frees them, so finished prefixes stay reusable
+            if seq.status is SequenceStatus.RUNNING:
+                self.kv.cache_full_blocks(seq)
+        finished = []
+        for seq, index, token_id in live:
+            reason = self._stop_reason(seq, token_id, num_output=index + 1)
+            if reason is not None and not seq.is_finished:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
@@ -139,6 +163,8 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.kv.free(seq)
+        while seq.output_token_ids and seq.output_token_ids[-1] == PLACEHOLDER:
+            seq.output_token_ids.pop()  # a token still on the device is dropped
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.requests[seq.request_id]
@@ -157,9 +183,8 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _stop_reason(self, seq: Sequence, token_id: int, num_output: int) -> FinishReason | None:
         params = seq.params
-        num_output = len(seq.output_token_ids)
         if num_output >= params.min_tokens:
             if token_id in params.stop_token_ids:
                 return FinishReason.STOP

@@ -9,6 +9,10 @@ from typing import Any
 from llmserve.sampling_params import SamplingParams
 
 
+# An output slot whose token the device is still sampling (async scheduling); always at the tail.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,6 +46,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens known on the host: trailing placeholders are not counted."""
+        n = len(self.output_token_ids)
+        while n and self.output_token_ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
 
     @property
     def num_prompt_tokens(self) -> int:
