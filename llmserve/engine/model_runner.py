@@ -16,6 +16,7 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
+from llmserve.engine.block_tables import BlockTableRows
 from llmserve.engine.sampler import Sampler
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.engine.sequence import PLACEHOLDER, Sequence
@@ -82,6 +83,7 @@ class ModelRunner:
             config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(eos_token_ids=config.eos_token_id)
+        self.block_rows = BlockTableRows(num_rows=2 * max(max_num_seqs, 32))
         self.graphs = None
         if self.device.type == "cuda" and not device_config.enforce_eager and max_num_seqs:
             from llmserve.engine.cuda_graphs import DecodeGraphs
@@ -125,7 +127,7 @@ class ModelRunner:
     def prepare_inputs(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> BatchInputs:
         """Flatten scheduled sequences (decodes first) into the model's input tensors."""
         order = sorted(range(len(out.seqs)), key=lambda i: out.num_scheduled_tokens[i] != 1)
-        input_ids, positions, slots, tables = [], [], [], []
+        input_ids, positions, slots, batch_seqs = [], [], [], []
         query_lens, context_lens, logits_indices, sample_seqs = [], [], [], []
         fill_rows, fill_sources = [], []  # placeholder inputs <- rows of previous.token_ids
         previous_row = previous.row_of() if previous is not None else {}
@@ -146,7 +148,7 @@ class ModelRunner:
                 input_ids.extend(seq.token_ids()[start:end])
                 positions.extend(range(start, end))
                 slots.extend(self._slot(seq, p) for p in range(start, end))
-            tables.append(seq.block_table)
+            batch_seqs.append(seq)
             query_lens.append(num_new)
             context_lens.append(end)
             if out.samples(i):
@@ -155,7 +157,7 @@ class ModelRunner:
         num_decodes = sum(1 for n in query_lens if n == 1)
         ids, pos, slot, ctx, qsl, logit_idx, rows, sources, table = self._to_device(
             [input_ids, positions, slots, context_lens, _cumsum0(query_lens), logits_indices, fill_rows,
-             fill_sources], _pad(tables))
+             fill_sources], self.block_rows.gather(batch_seqs))
         if fill_rows:  # on the device: no wait for the previous step
             ids.index_copy_(0, rows, previous.token_ids.index_select(0, sources))
         meta = AttentionMetadata(
@@ -221,14 +223,6 @@ def _finish_copy(step: LaunchedStep) -> list[SampledToken]:
             token.top_logprobs = [(int(row[2 + j]), row[2 + k + j]) for j in range(n)]
         tokens.append(token)
     return tokens
-
-
-def _pad(tables: list[list[int]]) -> np.ndarray:
-    """Block tables as one [B, max_blocks] array, zero padded."""
-    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
-    for row, table in zip(out, tables):
-        row[:len(table)] = table
-    return out
 
 
 def _cumsum0(values: list[int]) -> list[int]:
