@@ -38,6 +38,19 @@ def test_rms_norm_matches_torch(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES or ["cpu"])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 576), (33, 4096)])
+def test_add_rms_norm_matches_torch_and_writes_the_sum_in_place(device, dtype, shape):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    residual = torch.randn(shape, device=device, dtype=dtype)
+    w = torch.randn(shape[1], device=device, dtype=dtype)
+    ref_out, ref_sum = fused.add_rms_norm_torch(x, residual.clone(), w, 1e-5)
+    out, new_residual = fused.add_rms_norm_triton(x, residual, w, 1e-5)
+    assert new_residual is residual and torch.equal(residual, ref_sum), "the sum is rounded as the unfused add"
+    assert rel_error(out, ref_out) < tol(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,head_dim", [(9, 64), (32, 128), (3, 64)])
 def test_rope_in_place_on_a_strided_view_matches_torch(device, dtype, heads, head_dim):
     num_tokens, kv = 11, 2

@@ -60,11 +60,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-norm step of a decoder layer: residual = x + residual (x alone when None),
-    returns (rms_norm(residual), residual). On CPU one pass, the sum written in place."""
+    returns (rms_norm(residual), residual). Fused (C, Triton): one pass, the sum written
+    into `residual` in place."""
     if cpu_kernels.usable(x) and x.dim() == 2 and weight.dtype == torch.float32:
         return cpu_kernels.add_rms_norm(x, residual, weight, eps)
-    residual = x if residual is None else x + residual
+    if (residual is not None and _use_triton(x) and x.dim() == 2 and x.stride(1) == 1
+            and residual.stride(1) == 1 and residual.dtype == x.dtype):
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return add_rms_norm_torch(x, residual, weight, eps)
+
+
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x if residual is None else x + residual  # in the model dtype, as HF adds
     return rms_norm(residual, weight, eps), residual
+
+
+@_jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, eps,
+                         E: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < E
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    total = x + r  # rounded to the storage dtype, as the unfused add would be
+    tl.store(res_ptr + row * stride_r + cols, total, mask=mask)
+    h = total.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(h * h, axis=0) / E + eps)
+    w = tl.load(w_ptr + cols, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, (h * inv).to(w.dtype) * w, mask=mask)
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(x.shape[1])
+    if x.shape[0]:
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, x.stride(0), residual.stride(0), out.stride(0),
+                                            eps, E=x.shape[1], BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out, residual
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
