@@ -27,6 +27,24 @@ static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* Offset (in floats) of position t's slot, through the sequence's block table. */
+static inline int64_t slot_offset(const int32_t *table, int64_t t, int64_t block_size, int64_t slot_size) {
+    return ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
+}
+
+/* row[0..n) <- exp(row - max(row)), the softmax numerator; returns its sum, and the max in *max_out. */
+static float exp_row(float *row, int64_t n, float *max_out) {
+    float max = -FLT_MAX, sum = 0.0f;
+    for (int64_t t = 0; t < n; t++) max = row[t] > max ? row[t] : max;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        row[t] = expf(row[t] - max);
+        sum += row[t];
+    }
+    *max_out = max;
+    return sum;
+}
+
 /* Scores, softmax numerator and value sums of one sequence over keys [begin, end):
  * max_out/sum_out [H] and acc [H, D] (unnormalised), merged by the caller. */
 static void decode_part(const float *query, const float *k_cache, const float *v_cache, const int32_t *table,
@@ -39,23 +57,13 @@ static void decode_part(const float *query, const float *k_cache, const float *v
     if (len <= 0) return;
     float *scores = malloc(sizeof(float) * num_heads * len); /* [H, len] */
     for (int64_t t = begin; t < end; t++) {
-        const float *key = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
+        const float *key = k_cache + slot_offset(table, t, block_size, slot_size);
         for (int64_t h = 0; h < num_heads; h++)
             scores[h * len + t - begin] = dot(query + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
     }
-    for (int64_t h = 0; h < num_heads; h++) {
-        float *row = scores + h * len;
-        float max = -FLT_MAX, sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) max = row[t] > max ? row[t] : max;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; t++) {
-            row[t] = expf(row[t] - max);
-            sum += row[t];
-        }
-        max_out[h] = max, sum_out[h] = sum;
-    }
+    for (int64_t h = 0; h < num_heads; h++) sum_out[h] = exp_row(scores + h * len, len, max_out + h);
     for (int64_t t = begin; t < end; t++) {
-        const float *value = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size;
+        const float *value = v_cache + slot_offset(table, t, block_size, slot_size);
         for (int64_t h = 0; h < num_heads; h++)
             axpy(acc + h * head_dim, scores[h * len + t - begin], value + (h / group) * head_dim, head_dim);
     }
@@ -137,8 +145,7 @@ void paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *
         const int64_t rows = count * group;                                  /* (query, head) pairs */
         float *scores = malloc(sizeof(float) * rows * keys);                 /* [count * G, keys] */
         for (int64_t t = 0; t < keys; t++) {
-            const float *key = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size
-                               + kvh * head_dim;
+            const float *key = k_cache + slot_offset(table, t, block_size, slot_size) + kvh * head_dim;
             for (int64_t i = 0; i < count; i++) {
                 const float *qi = q + (query_start_loc[b] + first + i) * q_stride + kvh * group * head_dim;
                 for (int64_t g = 0; g < group; g++)  /* masked (future) keys are scored, then skipped */
@@ -148,23 +155,15 @@ void paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *
         for (int64_t i = 0; i < count; i++) {
             const int64_t visible = base_pos + i + 1;
             for (int64_t g = 0; g < group; g++) {
-                float *row = scores + (i * group + g) * keys;
-                float max = -FLT_MAX, sum = 0.0f;
-                for (int64_t t = 0; t < visible; t++) max = row[t] > max ? row[t] : max;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < visible; t++) {
-                    row[t] = expf(row[t] - max);
-                    sum += row[t];
-                }
-                const float inv = 1.0f / sum;
+                float *row = scores + (i * group + g) * keys, max;
+                const float inv = 1.0f / exp_row(row, visible, &max);
                 for (int64_t t = 0; t < visible; t++) row[t] *= inv;
                 float *o = out + (query_start_loc[b] + first + i) * num_heads * head_dim + (kvh * group + g) * head_dim;
                 for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
             }
         }
         for (int64_t t = 0; t < keys; t++) {
-            const float *value = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_size
-                                 + kvh * head_dim;
+            const float *value = v_cache + slot_offset(table, t, block_size, slot_size) + kvh * head_dim;
             for (int64_t i = (t > base_pos ? t - base_pos : 0); i < count; i++)  /* queries that see key t */
                 for (int64_t g = 0; g < group; g++)
                     axpy(out + (query_start_loc[b] + first + i) * num_heads * head_dim + (kvh * group + g) * head_dim,
