@@ -93,30 +93,32 @@ def weight_bytes(cfg: ModelConfig) -> int:
     return 2 * (layers * per_layer + embed + e)
 
 
-def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
+    """K and V of every layer for one token; elem_bytes 2 for bf16, 1 for an fp8 cache."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem_bytes
 
 
-def roofline_t(cfg: ModelConfig, prompts: list[list[int]], out_len: int, ceil: dict, max_concurrency: int) -> float:
+def roofline_t(cfg: ModelConfig, prompts: list[list[int]], out_len: int, ceil: dict, max_concurrency: int,
+               kv_elem_bytes: int = 2) -> float:
     """Seconds: prefill at the matmul rate plus decode steps reading weights and KV at copy bandwidth."""
     params = weight_bytes(cfg) / 2
     prefill_s = 2 * params * sum(map(len, prompts)) / ceil["bf16_matmul_flops"]
     steps = out_len * -(-len(prompts) // max_concurrency)
-    kv_read = sum((len(p) + out_len / 2) * out_len for p in prompts) * kv_bytes_per_token(cfg)
+    kv_read = sum((len(p) + out_len / 2) * out_len for p in prompts) * kv_bytes_per_token(cfg, kv_elem_bytes)
     decode_s = (steps * weight_bytes(cfg) + kv_read) / ceil["copy_bandwidth_Bps"]
     return prefill_s + decode_s
 
 
 # ---- llmserve ---------------------------------------------------------------------------
 def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
-                async_scheduling: bool | None = None) -> Engine:
+                async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> Engine:
     torch.manual_seed(0)
     model = build_model(cfg, "cuda", "bfloat16")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     config = EngineConfig(
-        model="random", cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90),
+        model="random", cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   max_model_len=4096, max_waiting=100000, async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", "bfloat16", enforce_eager=enforce_eager))
@@ -147,15 +149,18 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
 def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
     results = {}
     engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager,
-                         args.async_scheduling)
+                         args.async_scheduling, args.kv_cache_dtype)
     results["kv_blocks"] = engine.kv.num_blocks
+    results["kv_cache_dtype"] = args.kv_cache_dtype
+    kv_elem = 1 if args.kv_cache_dtype == "fp8" else 2
     results["async_scheduling"] = engine.async_scheduling
     if "L" in args.workloads:
         prompt = workload_t(1)[0][:128]
         run_engine(engine, [prompt], 8)  # warm-up
         r = run_engine(engine, [prompt], 256)
         r["tpot_ms"] = 1e3 * (r["seconds"] - r["ttft_s"]) / 255
-        r["roofline_tpot_ms"] = 1e3 * (weight_bytes(cfg) + 384 * kv_bytes_per_token(cfg)) / ceil["copy_bandwidth_Bps"]
+        r["roofline_tpot_ms"] = 1e3 * (weight_bytes(cfg) + 384 * kv_bytes_per_token(cfg, kv_elem)) / ceil[
+            "copy_bandwidth_Bps"]
         results["L"] = r
     if "TTFT" in args.workloads:
         results["TTFT"] = ttft_idle(engine, cfg, ceil)
@@ -164,7 +169,7 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
         run_engine(engine, prompts[:8], 4)  # warm-up
         r = run_engine(engine, prompts, 256)
         max_conc = min(args.max_num_seqs, engine.kv.num_blocks * 16 // 1280)
-        r["roofline_s"] = roofline_t(cfg, prompts, 256, ceil, max(max_conc, 1))
+        r["roofline_s"] = roofline_t(cfg, prompts, 256, ceil, max(max_conc, 1), kv_elem)
         r["roofline_output_tok_s"] = len(prompts) * 256 / r["roofline_s"]
         r["fraction_of_roofline"] = r["output_tok_s"] / r["roofline_output_tok_s"]
         results["T"] = r
@@ -311,6 +316,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's (on for CUDA)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: e4m3 KV cache (the roofline then counts 1 byte per K/V element)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")

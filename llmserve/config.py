@@ -15,8 +15,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     num_blocks: int | None = None  # overrides the memory budget (tests use tiny pools)
     enable_prefix_caching: bool = True
+    # "auto": the model dtype; "fp8": e4m3 K/V (CUDA), half the bytes a decode step reads
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        assert self.kv_cache_dtype in ("auto", "fp8"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}"
         assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, (
             f"block_size must be a power of two, got {self.block_size}")
         assert 0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"
@@ -69,3 +72,5 @@ class EngineConfig:
         self.cache = self.cache or CacheConfig()
         self.scheduler = self.scheduler or SchedulerConfig()
         self.device = self.device or DeviceConfig()
+        assert self.cache.kv_cache_dtype == "auto" or self.device.device.startswith("cuda"), (
+            "kv_cache_dtype fp8 needs CUDA (the CPU kernels are float32)")

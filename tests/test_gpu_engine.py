@@ -9,6 +9,7 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.checkpoint.names import hf_to_trtllm_single_rank
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from llmserve.engine.engine import Engine
+from llmserve.engine.model_runner import kv_bytes_per_block, kv_cache_dtype
 from llmserve.models.loader import build_model
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_hf_llama
@@ -20,14 +21,14 @@ SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden
 
 
 def cuda_engine(hf_model, dtype: str, enforce_eager: bool, block_size: int = 16,
-                async_scheduling: bool | None = None) -> Engine:
+                async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> Engine:
     config = ModelConfig.from_hf(hf_model.config.to_dict())
     model = build_model(config, "cuda", dtype)
     state = {k: v.cuda() for k, v in hf_model.state_dict().items()}
     model.load_weights(hf_to_trtllm_single_rank(state.__getitem__, config.num_hidden_layers,
                                                 config.tie_word_embeddings))
     engine_config = EngineConfig(
-        cache=CacheConfig(block_size=block_size, num_blocks=512),
+        cache=CacheConfig(block_size=block_size, num_blocks=512, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=32, max_model_len=1024,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", dtype, enforce_eager=enforce_eager))
@@ -108,6 +109,25 @@ def test_async_scheduling_gives_the_same_tokens_as_sync(dtype):
     overlapped = cuda_engine(hf_model, dtype, enforce_eager=False)
     assert overlapped.async_scheduling, "async scheduling is the CUDA default"
     assert run(overlapped, batch, 40) == sync
+
+
+def test_fp8_kv_cache_mostly_keeps_bf16_greedy_tokens():
+    hf_model = make_hf_llama(seed=8, **SHAPE)
+    batch = prompts(16, seed=4)
+    bf16 = run(cuda_engine(hf_model, "bfloat16", enforce_eager=False), batch, 32)
+    engine = cuda_engine(hf_model, "bfloat16", enforce_eager=False, kv_cache_dtype="fp8")
+    assert engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+    fp8 = run(engine, batch, 32)
+    divergences = [first_divergence(a, b) for a, b in zip(fp8, bf16)]
+    print("fp8 KV vs bf16 KV, first divergence per sequence:", divergences)
+    assert sum(d >= 8 for d in divergences) >= len(batch) // 2, divergences
+
+
+def test_fp8_kv_cache_holds_twice_the_blocks_of_bf16():
+    per_block = {dtype: kv_bytes_per_block(ModelConfig.from_hf(make_hf_llama(**SHAPE).config.to_dict()), 16,
+                                           kv_cache_dtype(CacheConfig(kv_cache_dtype=dtype), DeviceConfig("cuda", "bfloat16")))
+                 for dtype in ("auto", "fp8")}
+    assert per_block["auto"] == 2 * per_block["fp8"]
 
 
 def test_kv_cache_sized_from_free_memory():

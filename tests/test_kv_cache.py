@@ -1,5 +1,7 @@
 """KV block pool: exact block ids, ref counts and free-queue order on tiny pools."""
 
+import pytest
+
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
@@ -99,3 +101,12 @@ def test_no_prefix_cache_when_disabled():
     compute(pool, seq, 8)
     assert pool.get_computed_blocks(make_seq("b", list(range(8)))) == []
     assert pool.hash_to_block == {}
+
+
+def test_fp8_kv_cache_is_refused_on_cpu():
+    from llmserve.config import CacheConfig, DeviceConfig, EngineConfig
+
+    with pytest.raises(AssertionError, match="fp8 needs CUDA"):
+        EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8"), device=DeviceConfig("cpu"))
+    with pytest.raises(AssertionError, match="unknown kv_cache_dtype"):
+        CacheConfig(kv_cache_dtype="int4")

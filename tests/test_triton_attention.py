@@ -245,3 +245,33 @@ def test_interpreted_prefill_with_small_tiles_matches_reference():
 @interpreter
 def test_interpreted_write_kv_matches_index_copy():
     check_write_kv("cpu", dtype=torch.float16, num_kv_heads=3, head_dim=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_fp8_cache_is_read_as_the_reference_reads_it(kernel):
+    # the kernels upcast fp8 K/V to q's dtype; the reference on the same fp8 values dequantized
+    specs = [(1, c) for c in DECODE_CONTEXTS] if kernel == "decode" else PREFILL_SPECS
+    q, k_cache, v_cache, meta = make_batch(specs, num_decodes=len(specs) if kernel == "decode" else 0)
+    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    scale = q.shape[-1] ** -0.5
+    if kernel == "decode":
+        out = paged_decode_attention(q, k8, v8, meta.block_tables, meta.context_lens, scale, out=poisoned(q))
+    else:
+        out = paged_prefill_attention(q, k8, v8, meta.block_tables, meta.query_start_loc, meta.context_lens,
+                                      max(meta.query_lens_host), scale, out=poisoned(q))
+    assert_close(out, reference(q, k8.float(), v8.float(), meta, scale), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_write_kv_into_an_fp8_cache_rounds_like_torch():
+    k = torch.randn(37, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(37, 8, 128, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(64 * 16, device="cuda")[:37]
+    caches = [torch.zeros(64, 16, 8, 128, device="cuda", dtype=torch.float8_e4m3fn) for _ in range(4)]
+    write_kv_triton(k, v, caches[0], caches[1], slots)
+    write_kv(k, v, caches[2], caches[3], slots)
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.allclose(ours.float(), ref.float(), rtol=0.07, atol=1e-3)  # at most one e4m3 step apart

@@ -12,7 +12,8 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import EngineConfig
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.model_runner import DTYPES, LaunchedStep, ModelRunner, SampledToken, kv_bytes_per_block
+from llmserve.engine.model_runner import (LaunchedStep, ModelRunner, SampledToken, kv_bytes_per_block,
+                                          kv_cache_dtype)
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import FinishReason, Sequence
 from llmserve.sampling_params import SamplingParams
@@ -84,7 +85,7 @@ class Engine:
         cache = self.config.cache
         if cache.num_blocks:
             return cache.num_blocks
-        per_block = kv_bytes_per_block(self.model_config, cache.block_size, DTYPES[self.config.device.dtype])
+        per_block = kv_bytes_per_block(self.model_config, cache.block_size, kv_cache_dtype(cache, self.config.device))
         budget = cache.kv_cache_memory_bytes or self._default_kv_budget(model)
         return max(budget // per_block, 1)
 

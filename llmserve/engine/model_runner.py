@@ -60,6 +60,10 @@ class BatchInputs:
     sample_seqs: list[Sequence]  # sampling sequences, in batch order
 
 
+def kv_cache_dtype(cache_config: CacheConfig, device_config: DeviceConfig) -> torch.dtype:
+    return torch.float8_e4m3fn if cache_config.kv_cache_dtype == "fp8" else DTYPES[device_config.dtype]
+
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
@@ -80,7 +84,8 @@ class ModelRunner:
         # block is scratch space that padded CUDA-graph rows write into
         self.kv_cache = torch.zeros(
             config.num_hidden_layers, 2, num_blocks + 1, self.block_size,
-            config.num_key_value_heads, config.head_dim, dtype=self.dtype, device=self.device)
+            config.num_key_value_heads, config.head_dim, dtype=kv_cache_dtype(cache_config, device_config),
+            device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(eos_token_ids=config.eos_token_id)
         self.block_rows = BlockTableRows(num_rows=2 * max(max_num_seqs, 32))

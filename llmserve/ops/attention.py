@@ -61,8 +61,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V [T, Hkv, D] into caches [N, S, Hkv, D] at `slot_mapping`."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        new = new.to(cache.dtype)  # an fp8 cache rounds here; torch has no fp8 index_copy_: copy bytes
+        _as_bytes(cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _as_bytes(new))
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -76,6 +81,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     start = 0
     for b, (q_len, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
         keys, values = _gather_kv(k_cache, v_cache, meta.block_tables[b], ctx)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # an fp8 cache is read back as q's dtype
         out[start:start + q_len] = _attend(q[start:start + q_len], keys, values, scale)
         start += q_len
     return out
@@ -106,8 +112,9 @@ def _gather_kv(k_cache, v_cache, block_table, ctx: int) -> tuple[torch.Tensor, t
     num_blocks = -(-ctx // k_cache.shape[1])
     blocks = block_table[:num_blocks].long()
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    keys = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx]  # [C, Hkv, D]
-    values = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx]
+    keys = _as_bytes(k_cache).index_select(0, blocks).view(k_cache.dtype).view(-1, num_kv_heads, head_dim)[:ctx]
+    values = _as_bytes(v_cache).index_select(0, blocks).view(v_cache.dtype).view(-1, num_kv_heads, head_dim)[:ctx]
+    # keys, values: [C, Hkv, D]
     return keys.transpose(0, 1), values.transpose(0, 1)
 
 

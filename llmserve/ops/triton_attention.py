@@ -52,6 +52,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, start, h
     else:
         k = tl.load(k_cache_ptr + offs[None, :] + dims[:, None])
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :])
+    k = k.to(q.dtype)  # no-op unless the cache is fp8
+    v = v.to(q.dtype)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, BN]
     if MASKED:
         visible = in_ctx[None, :]
@@ -181,8 +183,8 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, s
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
     k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-    tl.store(k_cache_ptr + dst, k, mask=mask)
-    tl.store(v_cache_ptr + dst, v, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)  # rounds into an fp8 cache
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers ------------------------------------------------------------------------
