@@ -88,6 +88,13 @@ class KVCacheManager:
         `computed_blocks` (from get_computed_blocks, for a sequence with no blocks yet) are
         shared, not copied. Returns False, changing nothing, when the pool is too small.
         """
+        if not computed_blocks:  # the per-step decode case, kept short: it runs for every sequence
+            missing = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+            if missing > len(self.free_queue):
+                return False
+            for _ in range(missing):
+                seq.block_table.append(self._take_free_block())
+            return True
         if not self.can_allocate(seq, num_new_tokens, computed_blocks):
             return False
         for block_id in computed_blocks:
@@ -127,8 +134,12 @@ class KVCacheManager:
         """Register the hashes of blocks that `seq` has fully computed."""
         if not self.enable_prefix_caching:
             return
+        num_full = seq.num_computed_tokens // self.block_size
+        hashes = self.seq_block_hashes.get(seq.request_id)
+        if hashes is not None and num_full <= len(hashes):
+            return  # the usual decode step: no block filled up
         hashes = self.seq_block_hashes.setdefault(seq.request_id, [])
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min(num_full, len(seq.block_table))
         if num_full <= len(hashes):
             return
         tokens = seq.token_ids()
