@@ -80,36 +80,32 @@ class KVCacheManager:
 
     # ---- allocation -----------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
-        return self._num_blocks_to_take(seq, num_new_tokens, computed_blocks) <= self.num_free_blocks
+        new_blocks, revived = self._blocks_to_take(seq, num_new_tokens, computed_blocks)
+        return new_blocks + revived <= len(self.free_queue)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         """Grow `seq.block_table` to hold its computed tokens plus `num_new_tokens`.
 
         `computed_blocks` (from get_computed_blocks, for a sequence with no blocks yet) are
         shared, not copied. Returns False, changing nothing, when the pool is too small.
+        Every running sequence comes through here each step, so it stays one short path.
         """
-        if not computed_blocks:  # the per-step decode case, kept short: it runs for every sequence
-            missing = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
-            if missing > len(self.free_queue):
-                return False
-            for _ in range(missing):
-                seq.block_table.append(self._take_free_block())
-            return True
-        if not self.can_allocate(seq, num_new_tokens, computed_blocks):
+        new_blocks, revived = self._blocks_to_take(seq, num_new_tokens, computed_blocks)
+        if new_blocks + revived > len(self.free_queue):
             return False
         for block_id in computed_blocks:
             self._touch(block_id)
             seq.block_table.append(block_id)
-        total = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        for _ in range(self.blocks_needed(total) - len(seq.block_table)):
+        for _ in range(new_blocks):
             seq.block_table.append(self._take_free_block())
         return True
 
-    def _num_blocks_to_take(self, seq: Sequence, num_new_tokens: int, computed_blocks) -> int:
+    def _blocks_to_take(self, seq: Sequence, num_new_tokens: int, computed_blocks) -> tuple[int, int]:
+        """(fresh blocks the sequence still needs, cached computed_blocks revived from the free queue)."""
         total = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(computed_blocks)
-        revived = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
-        return max(new_blocks, 0) + revived
+        new_blocks = max(self.blocks_needed(total) - len(seq.block_table) - len(computed_blocks), 0)
+        revived = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0) if computed_blocks else 0
+        return new_blocks, revived
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -134,14 +130,10 @@ class KVCacheManager:
         """Register the hashes of blocks that `seq` has fully computed."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
-        hashes = self.seq_block_hashes.get(seq.request_id)
-        if hashes is not None and num_full <= len(hashes):
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= len(self.seq_block_hashes.get(seq.request_id, ())):
             return  # the usual decode step: no block filled up
         hashes = self.seq_block_hashes.setdefault(seq.request_id, [])
-        num_full = min(num_full, len(seq.block_table))
-        if num_full <= len(hashes):
-            return
         tokens = seq.token_ids()
         for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None

@@ -195,14 +195,14 @@ class ModelRunner:
 
 def _start_copy(out: SchedulerOutput, seqs: list[Sequence], result) -> LaunchedStep:
     """Start the one device-to-host copy of the step: ids, plus logprobs when asked."""
-    parts = [result.token_ids.unsqueeze(1)]
     has_logprobs, k = result.logprobs is not None, 0
-    if has_logprobs:
-        parts = [result.token_ids.double().unsqueeze(1), result.logprobs.double().unsqueeze(1)]
+    packed = result.token_ids.unsqueeze(1)  # [B, 1]
+    if has_logprobs:  # [B, 2 + 2K] as float64: ids, chosen logprob, top ids, top logprobs
+        parts = [packed.double(), result.logprobs.double().unsqueeze(1)]
         if result.top_token_ids is not None:
             k = result.top_token_ids.shape[1]
             parts += [result.top_token_ids.double(), result.top_logprobs.double()]
-    packed = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, 1 (+ 1 + 2K)]
+        packed = torch.cat(parts, dim=1)
     host, ready = packed, None
     if packed.is_cuda:
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)

@@ -149,7 +149,7 @@ class Scheduler:
         finished = []
         for seq, index, token_id in live:
             reason = self._stop_reason(seq, token_id, num_output=index + 1)
-            if reason is not None and not seq.is_finished:
+            if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished

@@ -46,8 +46,8 @@ class AttentionBackend:
 
 
 def select_attention(device: torch.device | str) -> AttentionBackend:
-    """The fastest backend for `device`: Triton kernels on CUDA, the C decode kernel on CPU
-    when a C compiler is there, else the torch reference."""
+    """The fastest backend for `device`: Triton kernels on CUDA, the C kernels on CPU when
+    a C compiler is there, else the torch reference."""
     if torch.device(device).type == "cuda":
         from llmserve.ops.triton_attention import paged_attention_cuda, write_kv_triton
 
