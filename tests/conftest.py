@@ -54,6 +54,22 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
     return Engine(model, config, engine_config, tokenizer=tokenizer)
 
 
+def prefill_hidden(engine, tokens: list[int]) -> torch.Tensor:
+    """Final hidden states [T, E] of one prompt, run as a single prefill step of `engine`."""
+    from llmserve.engine.scheduler import SchedulerOutput
+    from llmserve.engine.sequence import Sequence
+    from llmserve.sampling_params import SamplingParams
+
+    seq = Sequence("prefill", tokens, SamplingParams(), max_output_tokens=1)
+    engine.kv.allocate_slots(seq, len(tokens))
+    step = SchedulerOutput()
+    step.add(seq, len(tokens))
+    batch = engine.runner.prepare_inputs(step)
+    runner = engine.runner
+    with torch.no_grad():
+        return runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_llama():
     return make_hf_llama()

@@ -29,7 +29,8 @@ from llmserve.build.trtllm_build import (
 )
 from llmserve.build.worker import build_in_background, run_build
 from llmserve.config import EngineConfig
-from tests.conftest import make_hf_llama
+from tests.conftest import make_hf_llama, prefill_hidden
+from tests.test_model_parity import hf_logits
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "build_configs"
 H100 = {"kind": "cuda", "compute_capability": "sm_90", "device_name": "NVIDIA H100"}
@@ -251,27 +252,13 @@ def native_logits(checkpoint_dir: Path, tokens: list[int]) -> torch.Tensor:
     """Prefill logits of every position from the native engine over `checkpoint_dir` (float32, CPU)."""
     from llmserve.config import CacheConfig, DeviceConfig, SchedulerConfig
     from llmserve.engine.engine import Engine
-    from llmserve.engine.scheduler import SchedulerOutput
-    from llmserve.engine.sequence import Sequence
     from llmserve.models.loader import load_model
-    from llmserve.sampling_params import SamplingParams
 
     config, model = load_model(checkpoint_dir)
     engine = Engine(model, config, EngineConfig(cache=CacheConfig(block_size=4, num_blocks=16),
                                                 scheduler=SchedulerConfig(), device=DeviceConfig("cpu", "float32")))
-    seq = Sequence("a", tokens, SamplingParams(), max_output_tokens=1)
-    engine.kv.allocate_slots(seq, len(tokens))
-    step = SchedulerOutput()
-    step.add(seq, len(tokens))
-    batch = engine.runner.prepare_inputs(step)
     with torch.no_grad():
-        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
-        return engine.runner.model.compute_logits(hidden)  # [T, V]
-
-
-def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([tokens])).logits[0]  # [T, V]
+        return model.compute_logits(prefill_hidden(engine, tokens))  # [T, V]
 
 
 def test_cli_convert_and_build(hf_dir, tmp_path, capsys):

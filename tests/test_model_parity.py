@@ -9,7 +9,7 @@ from llmserve.engine.model_runner import ModelRunner
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.engine.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
-from tests.conftest import make_engine, make_hf_llama
+from tests.conftest import make_engine, make_hf_llama, prefill_hidden
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -150,13 +150,7 @@ def test_int8_quantized_model_stays_close_to_float32(tiny_hf_llama):
     prompt = random_prompts(1, 256, seed=21)[0]
     ref = hf_logits(tiny_hf_llama, prompt)[-1]
     quantize_linears_int8(engine.runner.model)
-    seq = Sequence("q", prompt, SamplingParams(), max_output_tokens=1)
-    engine.kv.allocate_slots(seq, len(prompt))
-    step = SchedulerOutput()
-    step.add(seq, len(prompt))
-    batch = engine.runner.prepare_inputs(step)
     with torch.no_grad():
-        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
-        logits = engine.runner.model.compute_logits(hidden[-1:])[0]
+        logits = engine.runner.model.compute_logits(prefill_hidden(engine, prompt)[-1:])[0]
     error = ((logits - ref).norm() / ref.norm()).item()
     assert 0 < error < 0.05, f"int8 logits error {error}"
