@@ -131,3 +131,14 @@ def test_prefill_kernel_matches_reference_for_whole_prompts_and_chunks(group, bl
     out = cpu_kernels.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                               meta.context_lens, 0.125)
     assert rel_error(out, paged_attention(q, k_cache, v_cache, meta, 0.125)) < 1e-5
+
+
+def test_loading_the_kernels_keeps_subnormal_floats_in_the_process():
+    # a library linked with -ffast-math turns on flush-to-zero for the whole process when it loads
+    import subprocess
+    import sys
+
+    script = ("import torch; from llmserve.ops import cpu_kernels; assert cpu_kernels.load() is not None; "
+              "print(torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert float(out) > 0.0, "subnormal float32 values were flushed to zero after loading the C kernels"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llmserve.ops import fused
+from llmserve.ops.exponential_noise import exponential_noise_torch, exponential_noise_triton
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and fused.triton is not None
@@ -74,3 +75,13 @@ def test_silu_and_mul_matches_torch(device, dtype, shape):
     gate, up = gate_up.chunk(2, dim=-1)
     out = fused.silu_and_mul_triton(gate_up)
     assert rel_error(out, F.silu(gate.float()) * up.float()) < tol(dtype) * 2
+
+
+@pytest.mark.parametrize("device", DEVICES or ["cpu"])
+@pytest.mark.parametrize("vocab", [1, 1000, 49152])
+def test_exponential_noise_matches_torch(device, vocab):
+    keys = torch.tensor([0, -1, 3, 2**62 + 12345, -(2**63)], device=device)
+    out = exponential_noise_triton(keys, vocab)
+    ref = exponential_noise_torch(keys, vocab)  # same integer hash; only log's last bit may differ
+    assert out.shape == (5, vocab) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from llmserve.engine.sampler import Sampler, apply_penalties
 from llmserve.engine.sequence import Sequence
+from llmserve.ops.exponential_noise import exponential_noise
 from llmserve.sampling_params import SamplingParams
 
 V = 50
 
 
-def make_row(prompt=(1, 2, 3), output=(), device="cpu", **params) -> Sequence:
-    """A real engine Sequence; a seeded one gets its generator as the runner would make it."""
-    seq = Sequence("r", list(prompt), SamplingParams(**params), output_token_ids=list(output))
-    if seq.params.seed is not None:
-        seq.generator = torch.Generator(device).manual_seed(seq.params.seed)
-    return seq
+def make_row(prompt=(1, 2, 3), output=(), **params) -> Sequence:
+    """A real engine Sequence."""
+    return Sequence("r", list(prompt), SamplingParams(**params), output_token_ids=list(output))
 
 
 def random_logits(rows: int, vocab: int = V, seed: int = 0) -> torch.Tensor:
@@ -88,6 +88,36 @@ def test_seeded_row_samples_the_same_alone_or_in_any_batch():
     assert _run_seeded(12, 0, seed=99) != alone
 
 
+def test_seeded_rows_leave_the_global_generator_alone():
+    state = torch.get_rng_state()
+    Sampler()(random_logits(3), [make_row(seed=i, temperature=1.0, top_p=0.9) for i in range(3)])
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_seeded_token_depends_on_its_output_position_not_on_the_earlier_tokens():
+    # what a preempted and recomputed request relies on: the same seed at the same position draws the same
+    logits = random_logits(1, vocab=1000, seed=4).repeat(3, 1)
+    rows = [make_row(seed=5, temperature=1.0, output=[7, 8]), make_row(seed=5, temperature=1.0, output=[1, 2]),
+            make_row(seed=5, temperature=1.0, output=[7, 8, 9])]
+    first, again = (Sampler()(logits, rows).token_ids.tolist() for _ in range(2))
+    assert first == again and first[0] == first[1]
+    positions = [Sampler()(logits[:1], [make_row(seed=5, temperature=1.0, output=[0] * n)]).token_ids.item()
+                 for n in range(8)]
+    assert len(set(positions)) > 4, "each output position draws anew"
+
+
+def test_noise_is_exp1_and_each_row_a_function_of_its_key_alone():
+    keys = torch.tensor([3, -7, 2**62, 3 + 1])
+    noise = exponential_noise(keys, 50_000)  # [4, V]
+    assert noise.dtype == torch.float32 and bool((noise > 0).all()) and bool(noise.isfinite().all())
+    assert torch.equal(exponential_noise(keys[1:2], 50_000), noise[1:2]), "a row is the same alone"
+    # Exp(1): mean 1, P(E > 1) = 1/e; 200k draws put both within ~0.005 at 2 sigma
+    assert abs(noise.mean().item() - 1.0) < 0.01
+    assert abs((noise > 1.0).float().mean().item() - math.exp(-1)) < 0.005
+    # neighbouring keys give unrelated rows
+    assert abs(torch.corrcoef(noise[[0, 3]])[0, 1].item()) < 0.02
+
+
 @pytest.mark.parametrize("params,allowed", [
     (dict(top_k=3), {0, 1, 2}),
     (dict(top_p=0.7), {0, 1}),  # 0.45 + 0.30 reaches p
@@ -117,7 +147,9 @@ def test_seeded_frequencies_match_softmax_over_temperature():
     temperature, draws = 0.7, 3000
     row = make_row(seed=7, temperature=temperature)
     sampler = Sampler()
-    tokens = torch.tensor([int(sampler(logits, [row]).token_ids[0]) for _ in range(draws)])
+    for _ in range(draws):  # one long seeded generation: each output position draws anew
+        row.output_token_ids.append(int(sampler(logits, [row]).token_ids[0]))
+    tokens = torch.tensor(row.output_token_ids)
     observed = torch.bincount(tokens, minlength=6).double()
     expected = torch.softmax(logits[0].double() / temperature, dim=-1) * draws
     chi_square = float(((observed - expected) ** 2 / expected).sum())
@@ -205,7 +237,7 @@ def test_logprobs_zero_gives_chosen_only():
 
 
 def _mixed_cuda_rows(seeded_only=False):
-    seeded = make_row(output=[3, 3, 9], device="cuda", seed=5, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01,
+    seeded = make_row(output=[3, 3, 9], seed=5, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01,
                       repetition_penalty=1.2, frequency_penalty=0.3, min_tokens=4, stop_token_ids=[7], logprobs=2)
     if seeded_only:
         return [seeded]

@@ -1,10 +1,13 @@
-"""The LLaMA shape, read from a HuggingFace or TensorRT-LLM `config.json`."""
+"""The LLaMA-family shape, read from a HuggingFace or TensorRT-LLM `config.json`."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmserve.checkpoint.architectures import (SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, UnsupportedModelError,
+                                               check_hf_config, check_trtllm_config, supported_list)
 
 
 @dataclass(slots=True)
@@ -25,19 +28,33 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     architecture: str = "LlamaForCausalLM"
+    attn_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        assert self.num_attention_heads % self.num_key_value_heads == 0, (
-            f"{self.num_attention_heads} attention heads are not a multiple of "
-            f"{self.num_key_value_heads} KV heads")
-        assert self.hidden_act == "silu", f"only SwiGLU (silu) LLaMAs are supported, got {self.hidden_act!r}"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"{self.num_attention_heads} attention heads are not a multiple of "
+                             f"{self.num_key_value_heads} KV heads")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(f"{self.architecture} is not supported; llmserve runs {supported_list()}")
+        if self.hidden_act != "silu":
+            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (llmserve implements silu)")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _with_rope_type(self.rope_scaling)
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(f"rope scaling type {self.rope_type!r} is not supported "
+                                        f"(llmserve implements {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Build from the fields of a HuggingFace LlamaConfig dict."""
+        """Build from a HuggingFace config dict; UnsupportedModelError for what llmserve does not run."""
+        features = check_hf_config(hf)
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         return cls(
@@ -51,10 +68,11 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=_hf_rope_theta(hf),
             rope_scaling=_hf_rope_scaling(hf),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=features.max_position_embeddings,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             hidden_act=hf.get("hidden_act", "silu"),
-            architecture=(hf.get("architectures") or ["LlamaForCausalLM"])[0],
+            architecture=features.architecture,
+            attn_bias=features.attn_bias,
             dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_as_list(eos),
@@ -63,6 +81,7 @@ class ModelConfig:
     @classmethod
     def from_trtllm(cls, trt: dict) -> "ModelConfig":
         """Build from a TensorRT-LLM unified checkpoint `config.json`."""
+        check_trtllm_config(trt)
         heads = trt["num_attention_heads"]
         return cls(
             vocab_size=trt["vocab_size"],
@@ -79,6 +98,7 @@ class ModelConfig:
             tie_word_embeddings=bool(trt.get("tie_word_embeddings", False)),
             hidden_act=trt.get("hidden_act", "silu"),
             architecture=trt.get("architecture", "LlamaForCausalLM"),
+            attn_bias=bool(trt.get("attn_bias", False)),
             dtype=trt.get("dtype", "float32"),
             bos_token_id=trt.get("bos_token_id"),
             eos_token_id=_as_list(trt.get("eos_token_id")),
@@ -101,10 +121,14 @@ def _hf_rope_scaling(hf: dict) -> dict | None:
     """The rope scaling dict with `rope_type` set, or None for plain RoPE."""
     scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     scaling.pop("rope_theta", None)
+    return _with_rope_type(scaling)
+
+
+def _with_rope_type(scaling: dict) -> dict | None:
+    """`scaling` keyed by `rope_type` (TensorRT-LLM and older transformers say `type`); None for plain RoPE."""
+    scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    if rope_type == "default":
-        return None
-    return {"rope_type": rope_type, **scaling}
+    return None if rope_type == "default" else {"rope_type": rope_type, **scaling}
 
 
 def _as_list(value) -> list[int]:

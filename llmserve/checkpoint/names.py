@@ -1,4 +1,4 @@
-"""The one declarative weight-name map: HuggingFace LLaMA <-> TensorRT-LLM checkpoint.
+"""The one declarative weight-name map: HuggingFace LLaMA family <-> TensorRT-LLM checkpoint.
 
 The converter uses it to write rank shards; the native loader uses it to read HF
 checkpoints (through a tp=1 conversion), so both runtimes see the same tensors.
@@ -31,6 +31,11 @@ LAYER_WEIGHTS: dict[str, tuple[str, Split]] = {
 }
 QKV_HF = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 QKV_TRT = "attention.qkv.weight"
+# Qwen2's q/k/v biases, fused and split across ranks exactly like the weight's rows.
+QKV_BIAS_HF = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+QKV_BIAS_TRT = "attention.qkv.bias"
+# A buffer older transformers versions saved beside the weights: recomputed from the config, so skipped.
+IGNORED_HF_LAYER_SUFFIXES = ("self_attn.rotary_emb.inv_freq",)
 
 HF_EMBEDDING = "model.embed_tokens.weight"
 HF_FINAL_NORM = "model.norm.weight"
@@ -49,13 +54,39 @@ def trt_layer(i: int, suffix: str) -> str:
 
 
 def hf_to_trtllm_single_rank(
-    get: Callable[[str], torch.Tensor], num_layers: int, tie_word_embeddings: bool
+    get: Callable[[str], torch.Tensor], num_layers: int, tie_word_embeddings: bool, attn_bias: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tp=1, pp=1 TensorRT-LLM tensors of an HF LLaMA, one at a time."""
+    """Yield the tp=1, pp=1 TensorRT-LLM tensors of an HF LLaMA-family model, one at a time."""
     yield TRT_EMBEDDING, get(HF_EMBEDDING)
     for i in range(num_layers):
         for hf_suffix, (trt_suffix, _) in LAYER_WEIGHTS.items():
             yield trt_layer(i, trt_suffix), get(hf_layer(i, hf_suffix))
         yield trt_layer(i, QKV_TRT), torch.cat([get(hf_layer(i, s)) for s in QKV_HF], dim=0)
+        if attn_bias:
+            yield trt_layer(i, QKV_BIAS_TRT), torch.cat([get(hf_layer(i, s)) for s in QKV_BIAS_HF], dim=0)
     yield TRT_FINAL_NORM, get(HF_FINAL_NORM)
     yield TRT_LM_HEAD, get(HF_EMBEDDING if tie_word_embeddings else HF_LM_HEAD)
+
+
+def hf_layer_suffixes(attn_bias: bool) -> list[str]:
+    """The HF per-layer tensor suffixes the map reads."""
+    return [*LAYER_WEIGHTS, *QKV_HF, *(QKV_BIAS_HF if attn_bias else ())]
+
+
+def trt_layer_suffixes(attn_bias: bool) -> list[str]:
+    """The TensorRT-LLM per-layer tensor suffixes of one rank, in the order the converter writes them."""
+    return [*(trt for trt, _ in LAYER_WEIGHTS.values()), QKV_TRT, *((QKV_BIAS_TRT,) if attn_bias else ())]
+
+
+def hf_tensor_names(num_layers: int, tie_word_embeddings: bool, attn_bias: bool) -> set[str]:
+    """Every HF tensor name the map reads for a model of this shape."""
+    wanted = {HF_EMBEDDING, HF_FINAL_NORM, *(() if tie_word_embeddings else (HF_LM_HEAD,))}
+    suffixes = hf_layer_suffixes(attn_bias)
+    return wanted | {hf_layer(i, suffix) for i in range(num_layers) for suffix in suffixes}
+
+
+def is_ignored_hf_tensor(name: str, tie_word_embeddings: bool) -> bool:
+    """Tensors an HF checkpoint may hold that the model rightly does not read."""
+    if tie_word_embeddings and name == HF_LM_HEAD:
+        return True  # a tied model may still save its lm_head: the same matrix as the embedding
+    return name.startswith("model.layers.") and name.endswith(IGNORED_HF_LAYER_SUFFIXES)

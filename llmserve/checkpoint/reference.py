@@ -64,6 +64,8 @@ def attention(h: torch.Tensor, w: Shard, q_heads: int, kv_heads: int, cos: torch
     """One rank's causal GQA over its heads; returns its partial sum [T, E] of `attention.dense`."""
     num_tokens, head_dim = h.shape[0], cos.shape[-1]
     qkv = h @ w["attention.qkv.weight"].T  # [T, (H + 2 Hkv) D]
+    if "attention.qkv.bias" in w:  # Qwen2; the checkpoint reader checked it matches the config
+        qkv = qkv + w["attention.qkv.bias"]
     q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = apply_rope(q.view(num_tokens, q_heads, head_dim).transpose(0, 1), cos, sin)  # [H, T, D]
     k = apply_rope(k.view(num_tokens, kv_heads, head_dim).transpose(0, 1), cos, sin)  # [Hkv, T, D]

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llmserve.checkpoint import names
-from llmserve.checkpoint.convert import Mapping, heads_per_rank
+from llmserve.checkpoint.architectures import UnsupportedModelError
+from llmserve.checkpoint.convert import Mapping, heads_per_rank, rank_tensor_names
+from llmserve.checkpoint.hf import shown
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.checkpoint.names import Split
 
@@ -35,9 +37,26 @@ class TrtllmCheckpoint:
         missing = [p.name for p in map(self.rank_path, range(self.mapping.world_size)) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{self.path} lacks rank shards {missing} for mapping {self.mapping}")
+        for rank in range(self.mapping.world_size):
+            self._check_tensor_names(rank)
 
     def rank_path(self, rank: int) -> Path:
         return self.path / f"rank{rank}.safetensors"
+
+    def _check_tensor_names(self, rank: int) -> None:
+        """Raise when rank `rank`'s file holds tensors the model would not use, or lacks ones it needs."""
+        with safe_open(self.rank_path(rank), framework="pt") as shard:
+            held = set(shard.keys())
+        wanted = rank_tensor_names(self.config, self.mapping, rank)
+        unused = sorted(held - set(wanted))
+        if unused:
+            raise UnsupportedModelError(
+                f"{self.rank_path(rank)} holds {len(unused)} tensors that {self.config.architecture} as configured "
+                f"would not use ({shown(unused)}); llmserve refuses rather than drop weights")
+        missing = [name for name in wanted if name not in held]
+        if missing:
+            raise ValueError(f"{self.rank_path(rank)} holds {len(wanted) - len(missing)} of the {len(wanted)} tensors "
+                             f"the model needs; missing: {shown(missing)}")
 
     def rank_tensors(self, rank: int) -> dict[str, torch.Tensor]:
         """All tensors of rank `rank`, as stored (local layer numbering)."""
@@ -58,8 +77,10 @@ class TrtllmCheckpoint:
                 for trt_suffix, split in names.LAYER_WEIGHTS.values():
                     parts = [get(names.trt_layer(local, trt_suffix)) for get in gets]
                     yield names.trt_layer(layer, trt_suffix), MERGERS[split](parts)
-                parts = [get(names.trt_layer(local, names.QKV_TRT)) for get in gets]
-                yield names.trt_layer(layer, names.QKV_TRT), merge_qkv(parts, config)
+                qkv_suffixes = [names.QKV_TRT, *((names.QKV_BIAS_TRT,) if config.attn_bias else ())]
+                for suffix in qkv_suffixes:
+                    parts = [get(names.trt_layer(local, suffix)) for get in gets]
+                    yield names.trt_layer(layer, suffix), merge_qkv(parts, config)
         last = stage(mapping.pp_size - 1)
         yield names.TRT_FINAL_NORM, last[0](names.TRT_FINAL_NORM)
         yield names.TRT_LM_HEAD, merge_lm_head([get(names.TRT_LM_HEAD) for get in last], config.vocab_size)

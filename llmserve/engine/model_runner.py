@@ -108,9 +108,6 @@ class ModelRunner:
         if not batch.sample_seqs:
             return LaunchedStep(out, [], None, None, None, 0, False)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        for seq in batch.sample_seqs:
-            if seq.params.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         result = self.sampler(logits, batch.sample_seqs)
         return _start_copy(out, batch.sample_seqs, result)
 

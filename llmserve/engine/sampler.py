@@ -3,6 +3,9 @@
 Order (as vLLM): logprobs of the raw logits; repetition, presence and frequency penalties;
 the min_tokens mask on stop ids; then greedy rows take the argmax and random rows go
 through temperature -> top-k -> top-p -> min-p -> the exponential race.
+A seeded row's noise is a counter-based hash of (seed, output position, token id), computed
+for all seeded rows at once: the same tokens alone or in any batch, at about the cost of an
+unseeded row, and with no generator state to keep.
 Shapes: B rows, V vocabulary, L padded token-id length, K top logprobs.
 """
 
@@ -14,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from llmserve.ops.exponential_noise import exponential_noise, mix64, signed64
 from llmserve.sampling_params import SamplingParams
 
 
@@ -31,7 +35,6 @@ class SamplingRow(Protocol):
     """What the sampler reads of each sequence (engine.sequence.Sequence fits)."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # set when params.seed is, on the logits' device
     prompt_token_ids: list[int]
     output_token_ids: list[int]
 
@@ -167,17 +170,42 @@ def apply_min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
 
 
 def exponential_race(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """argmax(probs / Exp(1) noise) samples from probs; seeded rows draw with their own generator."""
-    noise = torch.empty_like(probs)  # [B, V]
-    seeded = [i for i, row in enumerate(rows) if row.generator is not None and not row.params.greedy]
-    if len(seeded) < len(rows):
-        noise.exponential_()
-    for i in seeded:
-        # one draw of V per step from the row's generator: batch-independent, reproducible
-        noise[i].exponential_(generator=rows[i].generator)
+    """argmax(probs / Exp(1) noise) samples from probs.
+
+    Unseeded rows draw from the device's default generator; seeded rows get the counter-based
+    `exponential_noise` of their `seeded_key`, all of them in one batched computation.
+    """
+    seeded = [i for i, row in enumerate(rows) if row.params.seed is not None]
+    if all(row.params.seed is not None or row.params.greedy for row in rows):
+        # no row needs the default generator (greedy rows' noise is never used): leave it untouched
+        keys = [seeded_key(row) if row.params.seed is not None else 0 for row in rows]
+        noise = exponential_noise(_to_device(keys, torch.int64, probs.device), probs.shape[1])
+        return (probs / noise).argmax(dim=-1)
+    noise = _default_exponential(probs)  # [B, V]
+    if seeded:
+        packed = _to_device(seeded + [seeded_key(rows[i]) for i in seeded], torch.int64, probs.device)
+        index, keys = packed.split(len(seeded))  # one host-to-device copy for both
+        noise.index_copy_(0, index, exponential_noise(keys, probs.shape[1]))
     # a zero draw would turn a zero probability into 0/0 = nan, which argmax would pick
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
+
+
+def _default_exponential(like: torch.Tensor) -> torch.Tensor:
+    """Exp(1) draws shaped like `like` from the device's default generator."""
+    if like.is_cuda:
+        return torch.empty_like(like).exponential_()  # one kernel
+    # -log(1 - u), u in [0, 1): exponential_ measured 3-4x slower than this on CPU
+    return torch.rand_like(like).neg_().log1p_().neg_()
+
+
+def seeded_key(row: SamplingRow) -> int:
+    """A signed 64-bit hash of the row's seed and the index of the token being sampled.
+
+    The index counts outputs so far, in-flight placeholders included: the key, and so the
+    token, is the same alone, in any batch, with async scheduling and after preemption.
+    """
+    return signed64(mix64(mix64(row.params.seed) ^ len(row.output_token_ids)))
 
 
 # ---- logprobs ---------------------------------------------------------------------------

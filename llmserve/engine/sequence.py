@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmserve.sampling_params import SamplingParams
 
@@ -40,7 +39,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
-    generator: Any = None  # torch.Generator for seeded sampling, owned by the runner
     max_output_tokens: int = 0  # max_tokens capped by the context length
 
     @property

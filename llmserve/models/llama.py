@@ -1,5 +1,7 @@
 """LLaMA over a paged KV cache, for a flat ragged batch of tokens from many sequences.
 
+Also Mistral (the same block) and Qwen2 (the same block with q/k/v biases, `config.attn_bias`).
+
 Legend: T tokens in the step's flat batch, E hidden size, H query heads, Hkv KV heads,
 D head dim, I intermediate size, V vocabulary, N cache blocks, S block size.
 Module names follow the TensorRT-LLM checkpoint (`transformer.layers.{i}.attention.qkv`,
@@ -84,7 +86,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
         self.dense = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 

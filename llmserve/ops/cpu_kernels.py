@@ -29,7 +29,10 @@ import torch
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.c", "fused_ops.c")]
 # -ffast-math lets the exp loop use glibc's vector expf (libmvec); scores are finite
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC"]
+# Linked without -ffast-math: with it, gcc adds crtfastmath.o, whose constructor turns on
+# flush-to-zero for the whole process when the library loads (subnormal floats became 0 everywhere).
+LINK_FLAGS = ["-shared", "-fopenmp"]
 _INT64, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {
     "paged_decode_attention_f32": [_PTR, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, _PTR,
@@ -74,7 +77,7 @@ def usable(x: torch.Tensor) -> bool:
 def _build_key(compiler: str) -> str:
     # -march=native code is only valid on the CPU it was built for
     cpu = platform.processor() + _cpu_flags()
-    text = b"".join(path.read_bytes() for path in SOURCES) + " ".join([compiler, *FLAGS, cpu]).encode()
+    text = b"".join(path.read_bytes() for path in SOURCES) + " ".join([compiler, *FLAGS, *LINK_FLAGS, cpu]).encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -89,7 +92,10 @@ def _compile(compiler: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lmvec", "-lm"], check=True,
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        for source, obj in zip(SOURCES, objects):
+            subprocess.run([compiler, *FLAGS, "-c", str(source), "-o", obj], check=True, capture_output=True)
+        subprocess.run([compiler, *LINK_FLAGS, *objects, "-o", str(built), "-lmvec", "-lm"], check=True,
                        capture_output=True)
         os.replace(built, library)  # atomic: concurrent first uses never see a partial file
 
