@@ -3,8 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import re
 import sys
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "WARNING"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+# Help that already states its default in words, e.g. "(default: the model dtype)".
+_STATES_DEFAULT = re.compile(r"\(default|default:")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default; None, False and [] (meaning "off") are left out."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if _shows_default(action):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    if not action.option_strings or default is None or default is False or default == [] \
+            or default == argparse.SUPPRESS or action.help == argparse.SUPPRESS:
+        return False
+    return not _STATES_DEFAULT.search(action.help or "")
+
+
+class CliParser(argparse.ArgumentParser):
+    """A parser (and, through add_subparsers, every subcommand's) whose help shows defaults and which
+    accepts --log-level before or after the subcommand."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser must not reset a level given before the subcommand.
+        self.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                          help=f"logging level, before or after the subcommand (default: {DEFAULT_LOG_LEVEL})")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -13,14 +52,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (overrides the memory budget)")
     parser.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache budget in GiB")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                        help="CUDA: fraction of GPU memory the model and KV cache may use")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="longest prompt + output, capped by the model's context")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="CUDA: fp8 (e4m3) keys and values, half the KV bytes (default: the model dtype)")
     parser.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
@@ -29,10 +70,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "(default: on for CUDA, off for CPU)")
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 weights with dynamic int8 activations (about 2x faster decode)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
 def engine_config_from_args(args: argparse.Namespace):
+    """The EngineConfig of the engine flags; ValueError names the first invalid value."""
     from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -53,20 +95,30 @@ def engine_config_from_args(args: argparse.Namespace):
 def cmd_pull(args: argparse.Namespace) -> int:
     from llmserve.checkpoint.pull import pull_default_model
 
-    path = pull_default_model(progress=lambda msg: print(msg, file=sys.stderr))
+    path = pull_default_model(progress=_say)
     print(path)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llmserve.engine.engine import Engine
-    from llmserve.llm import LLM
+    from llmserve.build.target import current_target
+    from llmserve.checkpoint.pull import resolve_model
     from llmserve.sampling_params import SamplingParams
 
-    engine = Engine.from_config(engine_config_from_args(args), progress=lambda m: print(m, file=sys.stderr))
-    llm = LLM(engine=engine)
+    # Flags, model folder and device are checked before torch loads: a typo costs no wait.
+    config = engine_config_from_args(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
+    resolve_model(args.model, progress=_say)
+    current_target(args.device)
+    from llmserve.engine.engine import Engine
+    from llmserve.llm import LLM
+
+    engine = Engine.from_config(config, progress=_say)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy "
+                         f"them from the model it was made from")
+    llm = LLM(engine=engine)
     if args.chat:
         result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:
@@ -75,9 +127,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser = CliParser(prog="llmserve", description=__doc__)
+    parser.set_defaults(log_level=DEFAULT_LOG_LEVEL)
     sub = parser.add_subparsers(dest="command", required=True)
 
     pull = sub.add_parser("pull", help="materialise the default model under checkpoints/")
@@ -113,9 +169,35 @@ def _optional_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args) or 0
+    """Run one command; expected failures and Ctrl-C end in one line on stderr and a non-zero status."""
+    log_level = DEFAULT_LOG_LEVEL
+    try:
+        args = build_parser().parse_args(argv)
+        log_level = args.log_level
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except expected_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        if log_level == "DEBUG":
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the request cannot be done as asked (bad input, missing files, no GPU), not a bug."""
+    from llmserve.build.repository import TargetMismatchError
+    from llmserve.build.target import NoCudaDeviceError
+    from llmserve.build.trtllm_build import TrtllmUnavailableError
+    from llmserve.checkpoint.pull import PullError
+
+    return (ValueError, OSError, PullError, TrtllmUnavailableError, TargetMismatchError, NoCudaDeviceError)
 
 
 if __name__ == "__main__":

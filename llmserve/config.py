@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(slots=True)
@@ -19,11 +22,14 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        assert self.kv_cache_dtype in ("auto", "fp8"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}"
-        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, (
-            f"block_size must be a power of two, got {self.block_size}")
-        assert 0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"
-        assert self.num_blocks is None or self.num_blocks > 0, "num_blocks must be positive"
+        _check(self.kv_cache_dtype in ("auto", "fp8"), f"unknown kv_cache_dtype {self.kv_cache_dtype!r}")
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two, got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.num_blocks is None or self.num_blocks > 0, f"num_blocks must be positive, got {self.num_blocks}")
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+               f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
 
 
 @dataclass(slots=True)
@@ -38,9 +44,10 @@ class SchedulerConfig:
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        assert self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"
-        assert self.max_num_seqs > 0, "max_num_seqs must be positive"
-        assert self.max_model_len > 0, "max_model_len must be positive"
+        _check(self.max_num_batched_tokens > 0,
+               f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        _check(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        _check(self.max_model_len > 0, f"max_model_len must be positive, got {self.max_model_len}")
 
 
 @dataclass(slots=True)
@@ -53,9 +60,11 @@ class DeviceConfig:
     quantization: str | None = None  # "int8": CPU int8 weights and dynamic activations
 
     def __post_init__(self) -> None:
-        assert self.dtype in ("float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"
-        assert self.quantization in (None, "int8"), f"unknown quantization {self.quantization!r}"
-        assert self.quantization is None or self.device == "cpu", "int8 quantization runs on CPU only"
+        _check(_DEVICE.fullmatch(self.device) is not None, f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.dtype in ("float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}")
+        _check(self.quantization in (None, "int8"), f"unknown quantization {self.quantization!r}")
+        _check(self.quantization is None or self.device == "cpu",
+               f"int8 quantization runs on CPU only, got device {self.device!r}")
 
 
 @dataclass(slots=True)
@@ -72,5 +81,11 @@ class EngineConfig:
         self.cache = self.cache or CacheConfig()
         self.scheduler = self.scheduler or SchedulerConfig()
         self.device = self.device or DeviceConfig()
-        assert self.cache.kv_cache_dtype == "auto" or self.device.device.startswith("cuda"), (
-            "kv_cache_dtype fp8 needs CUDA (the CPU kernels are float32)")
+        _check(self.cache.kv_cache_dtype == "auto" or self.device.device.startswith("cuda"),
+               "kv_cache_dtype fp8 needs CUDA (the CPU kernels are float32)")
+
+
+def _check(ok: bool, message: str) -> None:
+    # ValueError, not assert: a bad flag is the user's error (one line from the CLI), and -O keeps the checks.
+    if not ok:
+        raise ValueError(message)

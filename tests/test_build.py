@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,8 @@ def tiny_profile(**overrides) -> BuildProfile:
     ({"max_input_len": 512}, "max_input_len (512) must not exceed max_seq_len (256)"),
     ({"gemm_plugin": "int3"}, "gemm_plugin must be one of"),
     ({"name": ""}, "profile name must be non-empty"),
+    ({"device": "tpu"}, "device must be one of"),
+    ({"backend": "trtllm", "device": "cpu"}, "backend trtllm builds for CUDA GPUs only"),
 ])
 def test_profile_validation_messages(overrides, message):
     with pytest.raises(ValueError) as info:
@@ -86,6 +90,8 @@ def test_shipped_profiles_load():
     assert set(profiles) == {"smollm2-cpu", "smollm2-cuda", "llama-3.1-8b-tp1", "llama-3.1-8b-tp2"}
     assert (profiles["smollm2-cpu"].backend, profiles["smollm2-cpu"].dtype) == ("native", "float32")
     assert (profiles["smollm2-cuda"].backend, profiles["smollm2-cuda"].dtype) == ("native", "bfloat16")
+    assert {name: p.device for name, p in profiles.items()} == {
+        "smollm2-cpu": "cpu", "smollm2-cuda": "cuda", "llama-3.1-8b-tp1": "cuda", "llama-3.1-8b-tp2": "cuda"}
     for tp in (1, 2):
         p = profiles[f"llama-3.1-8b-tp{tp}"]
         assert (p.backend, p.dtype, p.tp_size, p.max_batch_size, p.max_num_tokens, p.max_seq_len,
@@ -292,3 +298,112 @@ def test_cli_builds_a_converted_checkpoint_once(hf_dir, tmp_path, capsys):
     assert main(argv) == 0
     again = capsys.readouterr()
     assert Path(again.out.strip()) == engine_dir and "already built" in again.err
+
+
+def test_profile_device_must_match_the_target_kind():
+    tiny_profile(device="any").check_target(H100)
+    tiny_profile(device="any").check_target(current_target("cpu"))
+    tiny_profile(device="cuda").check_target(H100)
+    with pytest.raises(ValueError, match="'tiny-cpu' is written for CUDA .* build target is CPU; build it with "
+                                         "`--device cuda`"):
+        tiny_profile(device="cuda").check_target(current_target("cpu"))
+    with pytest.raises(ValueError, match="written for CPU .* build target is CUDA"):
+        tiny_profile(device="cpu").check_target(H100)
+
+
+def test_worker_refuses_a_cuda_profile_on_cpu_before_writing(hf_dir, tmp_path):
+    from llmserve.build.worker import build_engine
+
+    _, src = hf_dir
+    with pytest.raises(ValueError, match="written for CUDA"):
+        build_engine(src, tiny_profile(device="cuda"), tmp_path / "engines", "cpu")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_unparsable_profile_is_one_value_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("backend: [native\n")
+    (tmp_path / "bad.toml").write_text("backend = \n")
+    for name in ("bad.yaml", "bad.toml"):
+        with pytest.raises(ValueError, match=f"build profile {tmp_path / name} is not valid"):
+            load_profile(tmp_path / name)
+
+
+def test_unchanged_rank_files_are_hard_linked_changed_ones_written(hf_dir, tmp_path):
+    from llmserve.checkpoint.convert import convert_checkpoint
+
+    _, src = hf_dir
+    converted = convert_checkpoint(src, tmp_path / "conv", tp_size=2, dtype="float32", progress=False)
+    os.chmod(converted / "rank0.safetensors", 0o600)  # the source's own mode, which the build must not touch
+    same = build_native(converted, tiny_profile(tp_size=2), tmp_path / "same")
+    cast = build_native(converted, tiny_profile(tp_size=2, dtype="bfloat16"), tmp_path / "cast")
+    for rank in ("rank0.safetensors", "rank1.safetensors"):
+        source = (converted / rank).stat()
+        assert (same / rank).stat().st_ino == source.st_ino and source.st_nlink == 2
+        assert (cast / rank).stat().st_ino != source.st_ino and (cast / rank).stat().st_nlink == 1
+    assert stat.S_IMODE((converted / "rank0.safetensors").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_built_engine_gets_the_permissions_of_the_umask(hf_dir, tmp_path, umask):
+    _, src = hf_dir
+    previous = os.umask(umask)  # inherited by the build worker
+    try:
+        # bfloat16: a cast, so every weight file is written by the build (a linked one keeps its source's mode)
+        result = run_build(src, tiny_profile(dtype="bfloat16"), tmp_path / "engines", "cpu", timeout=300)
+    finally:
+        os.umask(previous)
+    assert result.ok, result.error
+    modes = {path.relative_to(result.engine_dir).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in [result.engine_dir, *result.engine_dir.rglob("*")]}
+    assert modes == {".": 0o777 & ~umask, "manifest.json": 0o666 & ~umask, "checkpoint": 0o777 & ~umask,
+                     "checkpoint/config.json": 0o666 & ~umask, "checkpoint/rank0.safetensors": 0o666 & ~umask,
+                     "checkpoint/generation_config.json": 0o666 & ~umask}
+
+
+@pytest.mark.parametrize("grace_s", [30.0, 0.0])  # the child cleans up itself / is killed and the parent cleans up
+def test_cancelled_background_build_leaves_no_engine(tmp_path, monkeypatch, grace_s):
+    from llmserve.build import worker
+    from tests.test_cli_interrupt import NUM_LAYERS, save_many_layer_llama
+
+    monkeypatch.setattr(worker, "STOP_GRACE_S", grace_s)
+    killed = []
+    clean_up_for_child = worker.remove_staging_of
+    monkeypatch.setattr(worker, "remove_staging_of",
+                        lambda root, pid: (killed.append(pid), clean_up_for_child(root, pid)))
+    src = save_many_layer_llama(tmp_path / "many-layers", NUM_LAYERS)
+    repo = tmp_path / "engines"
+
+    async def cancel_once_writing() -> None:
+        # bfloat16: converted from the float32 source, slowly enough to cancel (a match would only be linked)
+        task = asyncio.create_task(build_in_background(src, tiny_profile(dtype="bfloat16"), repo, "cpu"))
+        while not any(repo.glob(".building-*")):
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_once_writing())
+    assert [p.name for p in repo.iterdir()] == [".checkpoint_hashes.json"]
+    assert len(killed) == (grace_s == 0.0)  # the kill path ran exactly when no grace was given
+
+
+def test_hf_checkpoint_already_in_the_profile_dtype_is_linked_and_serves_the_same_logits(hf_dir, tmp_path):
+    hf_model, src = hf_dir
+    linked = build_native(src, tiny_profile(), tmp_path / "linked")  # the tiny HF model is saved in float32
+    assert (linked / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+    converted = build_native(src, tiny_profile(dtype="bfloat16"), tmp_path / "cast")  # a cast must convert
+    assert (converted / "rank0.safetensors").is_file() and not (converted / "model.safetensors").exists()
+    from llmserve.engine.engine import Engine
+
+    config = apply_overrides(EngineConfig(model=str(linked)), {"cache": {"num_blocks": 16, "block_size": 4}})
+    engine = Engine.from_config(config, progress=lambda message: None)
+    tokens = [1, 5, 9, 33, 70, 2]
+    logits = engine.runner.model.compute_logits(prefill_hidden(engine, tokens))
+    torch.testing.assert_close(logits, hf_logits(hf_model, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_hf_checkpoint_is_converted_when_tensor_parallel(hf_dir, tmp_path):
+    _, src = hf_dir
+    built = build_native(src, tiny_profile(tp_size=2), tmp_path / "tp2")
+    assert sorted(p.name for p in built.glob("*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]

@@ -106,7 +106,7 @@ def test_no_prefix_cache_when_disabled():
 def test_fp8_kv_cache_is_refused_on_cpu():
     from llmserve.config import CacheConfig, DeviceConfig, EngineConfig
 
-    with pytest.raises(AssertionError, match="fp8 needs CUDA"):
+    with pytest.raises(ValueError, match="fp8 needs CUDA"):
         EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8"), device=DeviceConfig("cpu"))
-    with pytest.raises(AssertionError, match="unknown kv_cache_dtype"):
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype"):
         CacheConfig(kv_cache_dtype="int4")

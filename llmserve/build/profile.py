@@ -9,6 +9,7 @@ from pathlib import Path
 import tomllib
 
 BACKENDS = ("native", "trtllm")
+DEVICES = ("any", "cpu", "cuda")  # the kind of target a profile is written for
 DTYPES = ("float32", "float16", "bfloat16")
 # trtllm-build --gemm_plugin choices (tensorrt_llm/plugin/plugin.py PLUGIN_DTYPE_OPTIONS_MAP["gemm_plugin"]).
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32", "int32", "fp8", "nvfp4")
@@ -20,6 +21,7 @@ class BuildProfile:
 
     name: str
     backend: str = "native"  # native | trtllm
+    device: str = "any"  # any | cpu | cuda: builds for another target kind are refused
     dtype: str = "float32"
     max_batch_size: int = 64  # trtllm-build --max_batch_size; native: SchedulerConfig.max_num_seqs
     max_num_tokens: int = 2048  # --max_num_tokens; native: max_num_batched_tokens
@@ -38,6 +40,9 @@ class BuildProfile:
         _check(bool(self.name) and "/" not in self.name,
                f"profile name must be non-empty without '/', got {self.name!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.backend != "trtllm" or self.device != "cpu",
+               "backend trtllm builds for CUDA GPUs only; use device cuda (or any)")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for field in ("max_batch_size", "max_num_tokens", "max_seq_len", "max_input_len", "tp_size", "pp_size"):
             value = getattr(self, field)
@@ -55,6 +60,15 @@ class BuildProfile:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check_target(self, target: dict) -> None:
+        """Raise ValueError when this profile is written for another kind of target than `target`."""
+        kind = str(target.get("kind"))
+        if self.device not in ("any", kind):
+            raise ValueError(
+                f"build profile {self.name!r} is written for {self.device.upper()} (`device: {self.device}`) but the "
+                f"build target is {kind.upper()}; build it with `--device {self.device}`, or use a profile "
+                f"written for {kind.upper()} (`device: {kind}` or `device: any`)")
 
     def engine_overrides(self) -> dict[str, dict[str, int]]:
         """CacheConfig / SchedulerConfig field values this profile fixes, keyed 'cache' and 'scheduler'."""
@@ -77,9 +91,15 @@ def load_profile(path: str | Path) -> BuildProfile:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"build profile {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     elif path.suffix == ".toml":
-        raw = tomllib.loads(path.read_text())
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"build profile {path} is not valid TOML: {exc}") from exc
     else:
         raise ValueError(f"build profile {path} must end in .yaml, .yml or .toml")
     _check(isinstance(raw, dict), f"build profile {path} must hold a mapping, got {type(raw).__name__}")

@@ -1,8 +1,9 @@
 """The engine repository: one folder per (model, profile, target), each with a `manifest.json`.
 
 Layout: `ROOT/{model_name}-{hash12}/{profile_name}/{target_key}/` holding `manifest.json` and the
-backend's files (`checkpoint/` for native, `trtllm_engine/` for trtllm). A folder is built beside its
-final place and renamed into it with the manifest already written, so a manifest means a whole engine.
+backend's files (`checkpoint/` for native, `trtllm_engine/` for trtllm). A folder is built in a hidden
+temporary folder of ROOT and renamed into place with the manifest already written, so a manifest means
+a whole engine.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def _read_cache(cache_file: str | Path | None) -> dict[str, str]:
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # concurrent builds: last writer wins, nobody reads half a file
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)  # concurrent builds: last writer wins, nobody reads half a file
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted before the rename: no stray temporary file
 
 
 def model_name(checkpoint_dir: str | Path) -> str:

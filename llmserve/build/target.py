@@ -6,6 +6,10 @@ import importlib.metadata
 import importlib.util
 
 
+class NoCudaDeviceError(RuntimeError):
+    """A CUDA device was asked for on a machine without a usable one."""
+
+
 def current_target(device: str = "cpu") -> dict:
     """{'kind': 'cpu'} or {'kind': 'cuda', 'compute_capability': 'sm_90', 'device_name': ...} for `device`."""
     if not device.startswith("cuda"):
@@ -13,7 +17,8 @@ def current_target(device: str = "cpu") -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but this machine has no usable CUDA GPU")
+        raise NoCudaDeviceError(f"device {device!r} requested but this machine has no usable CUDA GPU "
+                                f"(torch {torch.__version__}); use --device cpu")
     index = torch.device(device).index or 0
     major, minor = torch.cuda.get_device_capability(index)
     return {"kind": "cuda", "compute_capability": f"sm_{major}{minor}",

@@ -1,8 +1,13 @@
 """Engine builds in a separate process: the caller (CLI or server) survives any failure of the build.
 
 Parent side: `run_build` (blocking) and `build_in_background` (asyncio). Child side: `python -m
-llmserve.build.worker --json-args '{...}'` builds into a temporary folder, writes the manifest last and
-renames the folder into the repository, then prints one JSON result line on stdout.
+llmserve.build.worker --json-args '{...}'` builds into a temporary folder in the repository root, writes
+the manifest last and renames the folder into place, then prints one JSON result line on stdout.
+
+Stopping a build (Ctrl-C in the CLI, a cancelled server task, a timeout) sends the child SIGTERM; it
+removes its temporary folder and exits. The child runs in its own session, so a terminal's Ctrl-C
+reaches only the parent and the child is stopped once, by the parent. A child that does not stop within
+`STOP_GRACE_S` is killed and the parent removes its temporary folders (named after the child's pid).
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from pathlib import Path
 from llmserve.build.profile import BuildProfile, load_profile, profile_from_dict
 
 RESULT_PREFIX = "LLMSERVE_BUILD_RESULT "
+STOP_GRACE_S = 30.0  # a rank file being written must finish before the child can clean up
+INTERRUPTED = "interrupted"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -68,60 +75,100 @@ def parse_result(returncode: int, stdout: str, stderr: str) -> BuildResult:
 
 def run_build(checkpoint_dir: str | Path, profile: str | Path | BuildProfile, repo_root: str | Path,
               device: str = "cpu", timeout: float | None = None) -> BuildResult:
-    """Build in a child process and wait; never raises for a failed build."""
+    """Build in a child process and wait; never raises for a failed build.
+
+    KeyboardInterrupt (Ctrl-C) stops the child, which removes its partial engine, and is re-raised.
+    """
     command = worker_command(checkpoint_dir, profile, repo_root, device)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_worker(proc, repo_root)
+            return BuildResult(False, None, f"build timed out after {timeout} s")
+        except BaseException:
+            stop_worker(proc, repo_root)
+            raise
+    return parse_result(proc.returncode, stdout, stderr)
+
+
+def stop_worker(proc: subprocess.Popen, repo_root: str | Path) -> None:
+    """SIGTERM the build child and wait for its clean-up; kill it after STOP_GRACE_S and clean up for it."""
+    proc.terminate()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_child_env(), check=False)
+        proc.communicate(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
-        return BuildResult(False, None, f"build timed out after {timeout} s")
-    return parse_result(done.returncode, done.stdout, done.stderr)
+        proc.kill()
+        proc.communicate()
+        remove_staging_of(repo_root, proc.pid)
+
+
+def staging_prefix(engine_dir_name: str, pid: int) -> str:
+    """The name start of build worker `pid`'s temporary folder in the repository root."""
+    return f".building-{engine_dir_name}-pid{pid}-"
+
+
+def remove_staging_of(repo_root: str | Path, pid: int) -> None:
+    """Remove the temporary folders of a killed build worker (it had no chance to)."""
+    for path in Path(repo_root).glob(staging_prefix("*", pid) + "*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def build_in_background(checkpoint_dir: str | Path, profile: str | Path | BuildProfile,
                               repo_root: str | Path, device: str = "cpu") -> BuildResult:
-    """`run_build` for asyncio: the event loop keeps serving; cancelling the task kills the child."""
+    """`run_build` for asyncio: the event loop keeps serving; cancelling the task stops the child."""
     command = worker_command(checkpoint_dir, profile, repo_root, device)
     proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=_child_env())
+                                                stderr=asyncio.subprocess.PIPE, env=_child_env(),
+                                                start_new_session=True)
+    communicating = asyncio.ensure_future(proc.communicate())
     try:
-        stdout, stderr = await proc.communicate()
+        stdout, stderr = await asyncio.shield(communicating)
     except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
+        await _stop_worker_async(proc, communicating, repo_root)
         raise
     return parse_result(proc.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+
+async def _stop_worker_async(proc: asyncio.subprocess.Process, communicating: asyncio.Future,
+                             repo_root: str | Path) -> None:
+    # The pipes keep being read while the child cleans up, so it never blocks on a full pipe.
+    proc.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(communicating), STOP_GRACE_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await communicating
+        remove_staging_of(repo_root, proc.pid)
 
 
 # ---- child side ----------------------------------------------------------------------------
 
 def build_engine(checkpoint_dir: str | Path, profile: BuildProfile, repo_root: str | Path,
                  device: str = "cpu") -> Path:
-    """Build into a temp folder beside the final one; manifest written last, then an atomic rename."""
-    from llmserve.build.repository import EngineRepository, new_manifest
+    """Build into a temp folder in the repository root; manifest written last, then renamed into place."""
+    from llmserve.build.repository import MANIFEST, EngineRepository, new_manifest
     from llmserve.build.target import current_target, library_versions
+    from llmserve.checkpoint.atomic_dir import staged_dir
 
     if profile.backend == "trtllm":  # fail fast: before hashing a multi-GB checkpoint
         from llmserve.build.trtllm_build import require_trtllm
 
         require_trtllm()
     target = current_target(device)
+    profile.check_target(target)
     repo = EngineRepository(repo_root)
     digest = repo.hash(checkpoint_dir)
     final = repo.engine_dir_for(checkpoint_dir, profile, target, digest)
-    final.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    staging = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
-    try:
+    # Staged in the root, not beside `final`: an interrupted build leaves no empty model/profile folders,
+    # and `EngineRepository.list` never sees a half-built engine.
+    with staged_dir(final, staging_root=repo.root, prefix=staging_prefix(final.name, os.getpid())) as staging:
         _run_backend(checkpoint_dir, profile, staging)
         manifest = new_manifest(checkpoint_dir, digest, profile, target, library_versions(),
                                 datetime.now(timezone.utc).isoformat(timespec="seconds"), time.monotonic() - start)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():  # a rebuild (e.g. the profile changed under the same name)
-            shutil.rmtree(final)
-        staging.rename(final)  # same filesystem: readers see no engine or a whole one
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return final
 
 
@@ -140,13 +187,30 @@ def _report(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def _interrupt_on_signals() -> None:
+    """SIGTERM (the parent stopping the build) and SIGINT raise KeyboardInterrupt once; later ones are
+    ignored, so the clean-up of the temporary folder runs to its end."""
+
+    def interrupt(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _interrupt_on_signals()
     parser = argparse.ArgumentParser(description="llmserve engine build worker (internal)")
     parser.add_argument("--json-args", required=True)
     spec = json.loads(parser.parse_args(argv).json_args)
     try:
         profile = (profile_from_dict(spec["profile"]) if "profile" in spec else load_profile(spec["profile_path"]))
         engine_dir = build_engine(spec["checkpoint_dir"], profile, spec["repo_root"], spec.get("device", "cpu"))
+    except KeyboardInterrupt:
+        _report({"ok": False, "error": INTERRUPTED})
+        return 130
     except Exception as exc:  # noqa: BLE001 (any build failure becomes the reported error)
         traceback.print_exc()
         _report({"ok": False, "error": f"{type(exc).__name__}: {exc}"})

