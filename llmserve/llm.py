@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+from llmserve.engine.chat_template import encode_chat
 from llmserve.engine.engine import Engine
 from llmserve.engine.model_runner import SampledToken
 from llmserve.sampling_params import SamplingParams
@@ -73,9 +74,8 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        # The template emits any BOS itself, so no special tokens are added on top of it.
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """The conversation's prompt ids; special-token text inside a message stays plain text."""
+        return encode_chat(self.tokenizer, messages)
 
     def _add(self, prompt, params: SamplingParams):
         if isinstance(prompt, str):

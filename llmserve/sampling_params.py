@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# The sampler works in float32, where CPUs running with flush-to-zero and GPUs read subnormal values
+# as 0: a divisor or threshold must be a normal float32, and no value may overflow to inf.
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -35,11 +40,17 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        # an inf or 0 in float32 would turn logits into nan (temperature, repetition_penalty) or
+        # remove every token (top_p)
+        _check(0.0 <= self.temperature <= FLOAT32_MAX,
+               f"temperature must be in [0, 3.4e38] (the float32 maximum), got {self.temperature}")
+        _check(FLOAT32_MIN_NORMAL <= self.top_p <= 1.0,
+               f"top_p must be in (0, 1] and at least 1.2e-38 (the smallest normal float32), got {self.top_p}")
         _check(self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k}")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(FLOAT32_MIN_NORMAL <= self.repetition_penalty <= FLOAT32_MAX,
+               f"repetition_penalty must be > 0 and a normal float32 (between 1.2e-38 and 3.4e38), "
+               f"got {self.repetition_penalty}")
         _check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")

@@ -18,9 +18,11 @@ from aiohttp import web
 from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.app import create_app, runner_kwargs
 from llmserve.server.config import ServerConfig
+from llmserve.server.lifecycle import graceful_shutdown
+from llmserve.server.state import ABORT_NOW
 from tests.conftest import make_engine, make_hf_llama
 
-SMOLLM2_DIR = Path("/work/main/checkpoints/smollm2-135m-instruct")
+SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
 SCRIPT_TEXT = "Hi 日本😀 café!"  # what the scripted model says: multi-byte characters split across tokens
 
 
@@ -115,9 +117,13 @@ class ServerThread:
         self.base_url = f"http://127.0.0.1:{port}"
 
     def begin_stop(self) -> None:
-        """Start a graceful shutdown, as on SIGTERM (aiohttp's runner cleanup), without waiting."""
+        """Start a graceful shutdown, as on a first SIGINT/SIGTERM, without waiting."""
         if self._stopping is None:
-            self._stopping = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
+            self._stopping = asyncio.run_coroutine_threadsafe(graceful_shutdown(self._runner), self.loop)
+
+    def abort_inflight(self) -> None:
+        """What a second SIGINT/SIGTERM does: stop waiting for in-flight requests and abort them."""
+        self.loop.call_soon_threadsafe(self.app[ABORT_NOW].set)
 
     def stop(self) -> None:
         """Shut down gracefully (or finish doing so) and end the thread."""

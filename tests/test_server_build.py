@@ -1,11 +1,16 @@
 """Serving built engines: background builds (503 then 200, other models served meanwhile), a failing
-build (its error reported, the server up), and `serve --engine` refusing another target's engine."""
+build (its error reported, the server up), and `serve --engine` refusing another target's engine or
+a TensorRT-LLM engine without tensorrt_llm."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import json
+import logging
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -23,6 +28,7 @@ from llmserve.server.state import ENGINE, MODELS
 from tests.conftest import make_hf_llama
 from tests.server_helpers import ServerThread, make_tiny_engine, metric_values, wait_until
 
+HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 PROFILE = BuildProfile(name="tiny", max_batch_size=8, max_num_tokens=256, max_seq_len=512, max_input_len=256,
                        kv_block_size=16)
 BUILT_NUM_BLOCKS = 48
@@ -63,7 +69,7 @@ def _serve_args(*flags: str):
     return build_parser().parse_args(["serve", "--num-blocks", str(BUILT_NUM_BLOCKS), *flags])
 
 
-def test_background_build_is_503_then_200_while_another_model_serves(tokenizer, hf_dir, tmp_path):
+def test_background_build_is_503_then_200_while_another_model_serves(tokenizer, hf_dir, tmp_path, caplog):
     repo = tmp_path / "engines"
     profile_file = tmp_path / "tiny.yaml"
     profile_file.write_text(yaml.safe_dump(PROFILE.to_dict()))
@@ -89,8 +95,10 @@ def test_background_build_is_503_then_200_while_another_model_serves(tokenizer, 
                                             "--repo", str(repo)))
         assert cli_app[MODELS].statuses() == {"tiny-llama": "building"} and ENGINE not in cli_app
 
-        server.loop.call_soon_threadsafe(gate.set)
-        wait_until(lambda: _request(server.base_url + "/health")[0] == 200, timeout=120, interval=0.2)
+        with caplog.at_level(logging.INFO, logger="llmserve.announce"):
+            server.loop.call_soon_threadsafe(gate.set)
+            wait_until(lambda: _request(server.base_url + "/health")[0] == 200, timeout=120, interval=0.2)
+        assert "model 'second' is built and serving" in caplog.messages
         status, _, body = _complete(server, "second")
         assert status == 200 and body["model"] == "second" and body["usage"]["completion_tokens"] == 3
         assert [m["id"] for m in _request(server.v1 + "/models")[2]["data"]] == ["first", "second"]
@@ -106,6 +114,10 @@ def test_background_build_is_503_then_200_while_another_model_serves(tokenizer, 
                                         "--repo", str(repo), "--served-model-name", "built"))
     assert cli_app[MODELS].statuses() == {"built": "ready"}
     assert cli_app[ENGINE].engine.config.scheduler.max_model_len == PROFILE.max_seq_len
+    # `serve --engine` names the model after the manifest, and `default` still reaches it
+    engine_app = app_from_args(_serve_args("--engine", EngineRepository(repo).list()[0]["engine_dir"]))
+    assert engine_app[MODELS].statuses() == {"tiny-llama": "ready"}
+    assert engine_app[MODELS].select("default").name == "tiny-llama"
 
 
 def test_two_ready_models_are_chosen_by_name(tokenizer):
@@ -125,7 +137,7 @@ def test_two_ready_models_are_chosen_by_name(tokenizer):
         server.stop()
 
 
-def test_failed_build_reports_its_error_and_the_server_stays_up(tokenizer, hf_dir, tmp_path):
+def test_failed_build_reports_its_error_and_the_server_stays_up(tokenizer, hf_dir, tmp_path, caplog):
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in hf_dir.iterdir():
@@ -136,6 +148,7 @@ def test_failed_build_reports_its_error_and_the_server_stays_up(tokenizer, hf_di
                           ServerConfig(port=0, served_model_name="first"), building={"broken": build}).start()
     try:
         wait_until(lambda: _request(server.base_url + "/health")[2]["status"] == "failed", timeout=120, interval=0.2)
+        assert any(m.startswith("building model 'broken' failed: ") for m in caplog.messages)
         status, _, health = _request(server.base_url + "/health")
         assert status == 503 and health["models"] == {"first": "ready", "broken": "failed"}
         status, _, body = _complete(server, "broken")
@@ -148,14 +161,30 @@ def test_failed_build_reports_its_error_and_the_server_stays_up(tokenizer, hf_di
         server.stop()
 
 
-def test_serve_engine_refuses_another_targets_engine(tmp_path, capsys):
+def _hand_made_engine(tmp_path, backend: str):
+    """An engine folder with only a manifest (built for an H100) and an empty payload folder."""
     engine_dir = tmp_path / "engine"
-    (engine_dir / "checkpoint").mkdir(parents=True)
+    (engine_dir / ("trtllm_engine" if backend == "trtllm" else "checkpoint")).mkdir(parents=True)
     manifest = {"status": "ready", "checkpoint_hash": "0" * 64, "checkpoint_dir": str(tmp_path), "model_name": "tiny",
-                "profile": PROFILE.to_dict(), "backend": "native",
+                "profile": {**PROFILE.to_dict(), "backend": backend}, "backend": backend,
                 "target": {"kind": "cuda", "compute_capability": "sm_90", "device_name": "NVIDIA H100 80GB HBM3"},
                 "library_versions": {}, "built_at": "2026-01-01T00:00:00+00:00", "build_seconds": 1.0}
     (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    return engine_dir
+
+
+def test_serve_engine_refuses_another_targets_engine(tmp_path, capsys):
+    engine_dir = _hand_made_engine(tmp_path, "native")
     assert main(["serve", "--engine", str(engine_dir), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "CUDA sm_90" in err and "CPU" in err
+
+
+@pytest.mark.skipif(HAS_TRTLLM, reason="tensorrt_llm is installed here: the missing-package message cannot show")
+def test_serve_engine_of_a_trtllm_build_says_tensorrt_llm_is_missing_in_one_line(tmp_path):
+    engine_dir = _hand_made_engine(tmp_path, "trtllm")
+    result = subprocess.run([sys.executable, "-m", "llmserve.cli", "serve", "--engine", str(engine_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: TrtllmEngine needs TensorRT-LLM")
+    assert "tensorrt_llm" in result.stderr and "pypi.nvidia.com" in result.stderr

@@ -110,11 +110,13 @@ def test_cli_serve_then_chat_then_sigint():
                                f"http://127.0.0.1:{port}/v1", "--max-tokens", "8", "--temperature", "0"],
                               input="What is 2 + 2?\n/exit\n", capture_output=True, text=True, timeout=120)
         assert chat.returncode == 0, chat.stderr
-        assert "chatting with default" in chat.stdout and "assistant> " in chat.stdout
+        assert "chatting with smollm2-135m-instruct" in chat.stdout and "assistant> " in chat.stdout
     finally:
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr
+    assert f"clients use base_url http://127.0.0.1:{port}/v1" in stderr
+    assert "model 'smollm2-135m-instruct' (also 'default'): device cpu, dtype float32" in stderr
     access = [json.loads(line.split("llmserve.access: ", 1)[1]) for line in stderr.splitlines()
               if "llmserve.access: " in line]
     assert any(a["path"] == "/v1/chat/completions" and a["status"] == 200 for a in access)

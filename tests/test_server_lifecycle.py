@@ -17,6 +17,7 @@ from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.app import create_app
 from llmserve.server.config import ServerConfig
 from llmserve.server.routes import health
+from llmserve.server.state import SHUTTING_DOWN
 from tests.server_helpers import make_tiny_engine, metric_values, start_server, wait_until
 
 USER = [{"role": "user", "content": "Hello there."}]
@@ -124,3 +125,19 @@ async def test_shutdown_deadline_aborts_and_closes_open_streams(tokenizer):
     error = json.loads(text.split("\n\n")[-3][len("data: "):])["error"]
     assert error["code"] == "shutting_down"
     assert server.engine.kv.num_used_blocks == 0 and not server.engine.has_unfinished_requests()
+
+
+async def test_second_signal_aborts_in_flight_requests_without_waiting_for_the_deadline(tokenizer):
+    server = start_server(make_tiny_engine(tokenizer), shutdown_timeout=60)
+    body = {"messages": USER, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(server.v1 + "/chat/completions", json=body)
+        await response.content.readline()
+        server.begin_stop()
+        await asyncio.to_thread(wait_until, lambda: server.app[SHUTTING_DOWN].is_set())
+        server.abort_inflight()
+        text = (await asyncio.wait_for(response.read(), 10)).decode()
+    await asyncio.wait_for(asyncio.to_thread(server.stop), 10)
+    error = json.loads(text.split("\n\n")[-3][len("data: "):])["error"]
+    assert error["code"] == "shutting_down" and text.endswith("data: [DONE]\n\n")
+    assert server.engine.kv.num_used_blocks == 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from llmserve.engine.engine import Engine, RequestOutput
+from llmserve.engine.sequence import SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -22,11 +24,21 @@ class EngineDeadError(RuntimeError):
     """The engine loop is not running; the request cannot be served."""
 
 
-class AsyncEngine:
-    """Runs `Engine.step()` in a background task; many concurrent `generate()` callers."""
+class QueueTimeoutError(RuntimeError):
+    """The request waited in the queue past the queue timeout without starting; it was removed."""
 
-    def __init__(self, engine: Engine, step_in_thread: bool = False):
+
+class AsyncEngine:
+    """Runs `Engine.step()` in a background task; many concurrent `generate()` callers.
+
+    With `queue_timeout` (seconds), a request not yet scheduled that long after it arrived is
+    ended: its `generate()` raises QueueTimeoutError. Requests already started are never timed out.
+    """
+
+    def __init__(self, engine: Engine, step_in_thread: bool = False, queue_timeout: float | None = None):
+        assert queue_timeout is None or queue_timeout > 0, f"queue_timeout must be > 0 or None, got {queue_timeout}"
         self.engine = engine
+        self.queue_timeout = queue_timeout
         # By default a step runs on the event loop's own thread: on CPU, torch kernels ran
         # 2.3x slower from a worker thread on our 2-core machines; the loop is blocked for
         # one step at most (tens of ms on GPU), and handlers run between steps.
@@ -34,10 +46,15 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
         self._pending_aborts: list[str] = []
+        # request id -> monotonic start deadline; insertion order is arrival order, so deadlines ascend
+        self._start_deadlines: dict[str, float] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-step")
         self.num_steps = 0
+        # waiting slots the server took at admission for requests not yet passed to generate()
+        # (server/generation.py's Reservation), so that a burst cannot overshoot its queue limit
+        self.num_reserved = 0
 
     # ---- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -65,7 +82,9 @@ class AsyncEngine:
 
     @property
     def num_waiting_requests(self) -> int:
-        return len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        """Requests accepted but not running: reserved, queued for the loop, or in the scheduler's waiting
+        queue (not yet started, or preempted and waiting to resume)."""
+        return self.num_reserved + len(self._pending_adds) + len(self.engine.scheduler.waiting)
 
     @property
     def num_running_requests(self) -> int:
@@ -83,6 +102,8 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._pending_adds.append((request_id, prompt_token_ids, params))
+        if self.queue_timeout is not None:
+            self._start_deadlines[request_id] = time.monotonic() + self.queue_timeout
         self._wakeup.set()
         finished = False
         try:
@@ -93,6 +114,7 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
+            self._start_deadlines.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
@@ -110,6 +132,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         while True:
             self._apply_pending()
+            self._expire_unstarted()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -144,6 +167,27 @@ class AsyncEngine:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as exc:
                 self._queues.pop(request_id).put_nowait(exc)
+
+    def _expire_unstarted(self) -> None:
+        """End the requests past their start deadline that were never scheduled (they hold no KV blocks)."""
+        now = time.monotonic()
+        while self._start_deadlines:
+            request_id, deadline = next(iter(self._start_deadlines.items()))
+            if deadline > now:
+                return
+            del self._start_deadlines[request_id]
+            if self._never_scheduled(request_id):
+                self.engine.abort_request(request_id)
+                self._queues.pop(request_id).put_nowait(QueueTimeoutError(
+                    f"the request waited {self.queue_timeout:g} s in the queue without starting "
+                    f"(the server is overloaded); retry later"))
+
+    def _never_scheduled(self, request_id: str) -> bool:
+        request = self.engine.requests.get(request_id)
+        if request is None or request_id not in self._queues:
+            return False
+        seq = request.seq
+        return seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0 and seq.num_preemptions == 0
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id, queue in list(self._queues.items()):

@@ -4,12 +4,14 @@ Each step decodes only a small window: the tokens of the last released piece
 (`prefix_offset:read_offset`) plus the new ones, and releases the difference. A window
 whose text ends in U+FFFD is held back: byte-level BPE splits multi-byte characters
 across tokens, and the missing bytes may still come. Stop strings are matched on the
-released text across token boundaries; any tail that could start one is held back.
+released text across token boundaries (stop_strings.py); any tail that could start one is held back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from llmserve.engine.stop_strings import StopMatcher
 
 REPLACEMENT_CHAR = "\ufffd"
 # prompt tokens decoded in front of the first output token, so that tokenizers which
@@ -25,6 +27,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in stop if s]
+        self._stop_matcher = StopMatcher(self.stop) if self.stop else None
         self.include_stop_str_in_output = include_stop_str_in_output
         self.text = ""
         self.stop_reason: str | None = None
@@ -77,42 +80,19 @@ class IncrementalDetokenizer:
 
     def _release(self, delta: str) -> str:
         """Apply stop strings to newly decoded text; returns what may be shown."""
-        if not self.stop:
+        if self._stop_matcher is None:
             self.text += delta
             return delta
         buffer = self._pending + delta
-        match = _first_stop(buffer, self.stop)
+        match = self._stop_matcher.feed(delta)
         if match is not None:
-            start, stop = match
-            end = start + len(stop) if self.include_stop_str_in_output else start
+            end_in_delta, stop = match
+            end = len(self._pending) + end_in_delta  # the stop string starts within the held-back text or delta
+            cut = end if self.include_stop_str_in_output else end - len(stop)
             self.stop_reason, self._pending = stop, ""
-            self.text += buffer[:end]
-            return buffer[:end]
-        held = _stop_prefix_len(buffer, self.stop)
+            self.text += buffer[:cut]
+            return buffer[:cut]
+        held = self._stop_matcher.num_held
         released, self._pending = buffer[:len(buffer) - held], buffer[len(buffer) - held:]
         self.text += released
         return released
-
-
-def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
-    """(start, stop) of the stop string that completes first in `text` (longest on a tie)."""
-    best = None
-    for stop in stops:
-        start = text.find(stop)
-        if start < 0:
-            continue
-        key = (start + len(stop), start)  # streaming would see the earliest end first
-        if best is None or key < best[0]:
-            best = (key, start, stop)
-    return None if best is None else (best[1], best[2])
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest

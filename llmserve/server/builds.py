@@ -16,6 +16,7 @@ from llmserve.build.worker import build_in_background
 from llmserve.config import EngineConfig
 from llmserve.engine.async_engine import AsyncEngine
 from llmserve.engine.engine import Engine
+from llmserve.server.announce import announce
 from llmserve.server.models import BUILDING, ModelRegistry, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -49,25 +50,26 @@ async def load_in_background(engine_dir: str | Path, base_config: EngineConfig) 
     return AsyncEngine(await asyncio.to_thread(load_built_engine, engine_dir, base_config))
 
 
-async def _finish_build(model: ServedModel) -> None:
+async def _finish_build(registry: ModelRegistry, model: ServedModel) -> None:
     try:
         engine = await model.build()
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 (any failure is the model's error; the server stays up)
-        logger.error("building model %r failed: %s", model.name, exc)
+        announce.error("building model %r failed: %s; requests for it get 500 (the other models keep serving)",
+                       model.name, exc)
         model.mark_failed(str(exc) or type(exc).__name__)
         return
     await engine.start()  # before it is visible, so no request meets a stopped engine
-    model.mark_ready(engine)
-    logger.info("model %r is built and serving", model.name)
+    registry.mark_ready(model, engine)
+    announce.info("model %r is built and serving", model.name)
 
 
 def build_runner(registry: ModelRegistry):
     """A cleanup_ctx that runs every pending build as a task and cancels the unfinished at cleanup."""
 
     async def run_builds(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(_finish_build(m), name=f"build {m.name}")
+        tasks = [asyncio.create_task(_finish_build(registry, m), name=f"build {m.name}")
                  for m in registry if m.status == BUILDING and m.build is not None]
         yield
         for task in tasks:

@@ -18,12 +18,30 @@ def add_subcommands(sub) -> None:
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients use (default: the checkpoint folder's name, or the engine "
+                            "manifest's model name; 'default' is always accepted too)")
     serve.add_argument("--api-key", default=None, help=f"require this bearer token (default: ${API_KEY_ENV})")
-    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond which 429 is sent")
+    serve.add_argument("--max-waiting", type=int, default=1024,
+                       help="most requests waiting to run: accepted but not running (not yet started by the "
+                            "scheduler, or preempted); beyond it new requests get 429 with Retry-After, and one "
+                            "asking for more completions (n times its prompts) than this gets 400")
+    serve.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                       help="Host header names to answer, any port ('*': any); others get 421 (default: with a "
+                            "loopback --host only localhost, 127.0.0.1 and [::1], against DNS rebinding; else any)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size limit")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on shutdown")
+    serve.add_argument("--shutdown-timeout", type=float, default=20.0,
+                       help="seconds in-flight requests get to finish on SIGINT/SIGTERM (a second signal aborts "
+                            "them at once)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds to receive a request body once its headers arrived (408 beyond)")
+    serve.add_argument("--keepalive-timeout", type=float, default=75.0,
+                       help="seconds before an idle connection, or one still sending headers, is closed")
+    serve.add_argument("--sse-keepalive", type=float, default=15.0,
+                       help="send a ': keep-alive' comment after this many silent seconds in a stream (0: never)")
+    serve.add_argument("--queue-timeout", type=float, default=None,
+                       help="end a request still waiting to start after this many seconds with 503 (default: "
+                            "no limit)")
     serve.add_argument("--max-n", type=int, default=16, help="most choices (n) per request")
     serve.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     serve.add_argument("--engine", default=None, help="serve a built engine folder (from `llmserve build`)")
@@ -32,8 +50,8 @@ def add_subcommands(sub) -> None:
                             "background (503 + Retry-After meanwhile) when the repository lacks it")
     serve.add_argument("--repo", default="engines", help="engine repository root for --build-config")
     serve.add_argument("--also-build", action="append", default=[], metavar="MODEL=PROFILE",
-                       help="also serve MODEL (named after its folder), built in the background from PROFILE; "
-                            "repeatable")
+                       help="also serve MODEL (named after its folder; 'default': the default model's folder), "
+                            "built in the background from PROFILE; repeatable")
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat with a running server in the terminal")
@@ -47,55 +65,87 @@ def add_subcommands(sub) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace, default_name: str | None = None):
+    """The ServerConfig of `serve`'s flags; the served name follows `served_name`'s rule."""
     from llmserve.server.config import ServerConfig
 
-    name = args.served_model_name or default_name or _model_name(args.model)
-    return ServerConfig(host=args.host, port=args.port, served_model_name=name,
+    return ServerConfig(host=args.host, port=args.port, served_model_name=served_name(args, default_name),
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                        shutdown_timeout=args.shutdown_timeout, max_n=args.max_n)
+                        shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
+                        body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
+                        sse_keepalive_s=args.sse_keepalive, queue_timeout=args.queue_timeout or None,
+                        allowed_hosts=_host_list(args.allowed_hosts))
 
 
-def _model_name(model: str) -> str:
-    return model if model == "default" else os.path.basename(os.path.normpath(model))
+def _host_list(value: str | None) -> tuple[str, ...] | None:
+    """--allowed-hosts' comma-separated names; None when the flag is absent (the default applies)."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise ValueError(f"--allowed-hosts needs at least one host name (or '*' for any), got {value!r}")
+    return names
+
+
+def served_name(args: argparse.Namespace, manifest_name: str | None = None) -> str:
+    """The main model's name: --served-model-name, else (for --engine) the manifest's model name, else the
+    --model checkpoint folder's name. `default` stays accepted as its alias (see server/models.py)."""
+    return args.served_model_name or manifest_name or checkpoint_name(args.model)
+
+
+def checkpoint_name(model: str) -> str:
+    """A checkpoint's served name: its folder's name; `default` is the default model's folder."""
+    from llmserve.checkpoint.pull import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if model == "default" else os.path.basename(os.path.normpath(model))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
     from llmserve.build.repository import TargetMismatchError
-    from llmserve.server.app import runner_kwargs
-    from llmserve.server.state import CONFIG
+    from llmserve.server.lifecycle import ListenError, serve_until_signalled
 
+    _show_announcements()
     if not args.no_access_log:
         logging.getLogger("llmserve.access").setLevel(logging.INFO)
     try:
         app = app_from_args(args)
+        return asyncio.run(serve_until_signalled(app))
     except TargetMismatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    config = app[CONFIG]
-    web.run_app(app, host=config.host, port=config.port, **runner_kwargs(config))
-    return 0
+        return _fail(str(exc), 2)
+    except (ValueError, FileNotFoundError, RuntimeError, ListenError) as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted before the server was ready", 130)
+
+
+def _show_announcements() -> None:
+    """The banner and shutdown lines show at INFO unless --log-level asked for less than warnings."""
+    if logging.getLogger().getEffectiveLevel() <= logging.WARNING:
+        logging.getLogger("llmserve.announce").setLevel(logging.INFO)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 def app_from_args(args: argparse.Namespace):
     """The app `serve` runs: from --engine, from --model [--build-config] (built in the background when the
-    repository lacks the engine), plus every --also-build model."""
+    repository lacks the engine), plus every --also-build model. Names are checked before anything loads."""
     from llmserve.cli import engine_config_from_args
     from llmserve.engine.async_engine import AsyncEngine
     from llmserve.engine.engine import Engine
     from llmserve.server.app import create_app
 
     base = engine_config_from_args(args)
+    manifest_name = _manifest_name(args.engine) if args.engine else None
+    config = _server_config(args, manifest_name)
+    _check_unique_names(config.served_model_name, [checkpoint_name(m) for m, _ in _also_build_specs(args)])
     building = dict(_also_build(args, base))
     if args.engine:
-        name, engine = _engine_from_dir(args.engine, base, args.device)
-        return create_app(server_config_from_args(args, name), AsyncEngine(engine), building=building)
-    config = server_config_from_args(args)
+        return create_app(config, _engine_from_dir(args.engine, base, args.device), building=building)
     if not args.build_config:
         engine = Engine.from_config(base, progress=_say)
         return create_app(config, AsyncEngine(engine), building=building)
@@ -105,18 +155,56 @@ def app_from_args(args: argparse.Namespace):
              f"once its background build finishes")
         return create_app(config, None, building={config.served_model_name: build, **building})
     _say(f"serving the built engine {engine_dir}")
-    _, engine = _engine_from_dir(engine_dir, base, args.device)
-    return create_app(config, AsyncEngine(engine), building=building)
+    return create_app(config, _engine_from_dir(engine_dir, base, args.device), building=building)
+
+
+def _server_config(args: argparse.Namespace, manifest_name: str | None):
+    try:
+        return server_config_from_args(args, manifest_name)
+    except AssertionError as exc:  # the config's own validation message names the bad value
+        raise ValueError(f"invalid serve flag: {exc}") from exc
+
+
+def _check_unique_names(main_name: str, also_names: list[str]) -> None:
+    seen = {main_name}
+    for name in also_names:
+        if name in seen:
+            raise ValueError(f"two models would be served as {name!r} (--model/--engine and --also-build, or "
+                             f"--also-build twice); every served model needs its own name: rename the main one "
+                             f"with --served-model-name, or drop the duplicate")
+        seen.add(name)
+
+
+def _manifest_name(engine_dir: str) -> str:
+    from llmserve.build.repository import read_manifest
+
+    return read_manifest(engine_dir).get("model_name") or checkpoint_name(engine_dir)
 
 
 def _engine_from_dir(engine_dir, base, device: str):
-    """(model name from the manifest, Engine); refuses an engine built for another target."""
+    """The AsyncEngine of a built engine folder, by the manifest's backend; refuses another target's engine."""
     from llmserve.build.repository import read_manifest
     from llmserve.build.target import current_target
+    from llmserve.engine.async_engine import AsyncEngine
     from llmserve.server.builds import load_built_engine
 
-    name = read_manifest(engine_dir).get("model_name") or _model_name(str(engine_dir))
-    return name, load_built_engine(engine_dir, base, current_target(device))
+    manifest = read_manifest(engine_dir)
+    if manifest.get("backend") == "trtllm":
+        return _trtllm_engine(engine_dir, manifest)
+    return AsyncEngine(load_built_engine(engine_dir, base, current_target(device)))
+
+
+def _trtllm_engine(engine_dir, manifest: dict):
+    """A TensorRT-LLM engine goes to TrtllmEngine, whose construction says what is missing without tensorrt_llm."""
+    from llmserve.backends.trtllm import TrtllmEngine
+    from llmserve.build.repository import check_target, engine_payload
+    from llmserve.build.target import current_target
+
+    TrtllmEngine(engine_payload(engine_dir, manifest))
+    check_target(manifest, current_target("cuda"))
+    raise RuntimeError(f"{engine_dir} is a TensorRT-LLM engine: the HTTP server cannot serve it yet (it reads the "
+                       f"native engine's KV pool and tokenizer); drive it from Python with "
+                       f"llmserve.backends.trtllm.TrtllmEngine, or build a native profile for `serve`")
 
 
 def _lookup_or_build(model: str, profile_path: str, repo_root: str, base, device: str):
@@ -137,14 +225,22 @@ def _lookup_or_build(model: str, profile_path: str, repo_root: str, base, device
     return None, functools.partial(build_and_load, checkpoint, profile, repo_root, base, device)
 
 
-def _also_build(args: argparse.Namespace, base):
-    """(name, EngineBuild) per --also-build MODEL=PROFILE; an engine already in the repository is only loaded."""
+def _also_build_specs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(MODEL, PROFILE) per --also-build MODEL=PROFILE."""
+    specs = []
     for spec in args.also_build:
         model, sep, profile_path = spec.partition("=")
         if not sep or not model or not profile_path:
             raise ValueError(f"--also-build wants MODEL=PROFILE, got {spec!r}")
+        specs.append((model, profile_path))
+    return specs
+
+
+def _also_build(args: argparse.Namespace, base):
+    """(name, EngineBuild) per --also-build MODEL=PROFILE; an engine already in the repository is only loaded."""
+    for model, profile_path in _also_build_specs(args):
         _, build = _lookup_or_build(model, profile_path, args.repo, base, args.device)
-        yield _model_name(model), build
+        yield checkpoint_name(model), build
 
 
 def _say(message: str) -> None:

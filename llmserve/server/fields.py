@@ -52,22 +52,30 @@ def get_str(body: dict, name: str, default: str | None = None) -> str | None:
     return value
 
 
-def get_str_list(body: dict, name: str) -> list[str]:
-    """A string or a list of strings (as `stop` accepts)."""
+def get_str_list(body: dict, name: str, *, max_items: int, max_chars: int, why: str = "") -> list[str]:
+    """A string or a list of at most `max_items` strings of at most `max_chars` characters (as `stop`);
+    `why` (the limits' reason) ends the error message."""
     value = body.get(name)
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        value = [value]
+    if isinstance(value, list) and len(value) > max_items:
+        raise bad_request(f"'{name}' may hold at most {max_items} strings, got {len(value)}{why}", name)
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise bad_request(f"'{name}' must be a string or a list of strings", name)
+    if any(len(s) > max_chars for s in value):
+        raise bad_request(f"each string in '{name}' may have at most {max_chars} characters, got one of "
+                          f"{max(map(len, value))}{why}", name)
     return value
 
 
-def get_int_list(body: dict, name: str, *, lo: int, hi: int) -> list[int]:
+def get_int_list(body: dict, name: str, *, lo: int, hi: int, max_items: int, why: str = "") -> list[int]:
     value = body.get(name)
     if value is None:
         return []
+    if isinstance(value, list) and len(value) > max_items:
+        raise bad_request(f"'{name}' may hold at most {max_items} ids, got {len(value)}{why}", name)
     if not isinstance(value, list) or not all(_is_int(v) and lo <= v <= hi for v in value):
         raise bad_request(f"'{name}' must be a list of integers in [{lo}, {hi}]", name)
     return value

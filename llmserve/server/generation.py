@@ -1,4 +1,10 @@
-"""Running one HTTP request's choices in the engine: admission, fan-out of n, abort on exit."""
+"""Running one HTTP request's choices in the engine: admission, fan-out of n, abort on exit.
+
+"Waiting" means accepted but not running: admitted by the server and not yet passed to the
+engine, queued for the engine loop, or in the scheduler's waiting queue (not yet started, or
+preempted and waiting to resume). `max_waiting` bounds that count; admission reserves a
+request's slots synchronously, so handlers racing through admission all see each other.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,49 @@ from llmserve.server.errors import APIError, bad_request
 from llmserve.server.protocol import GenerationRequest
 
 
-def admit(engine: AsyncEngine, config: ServerConfig, gen: GenerationRequest, prompt_param: str) -> None:
-    """Raise the APIError a request gets before it reaches the engine (lengths, queue); the model
-    was already chosen by the registry."""
+def admit(engine: AsyncEngine, config: ServerConfig, gen: GenerationRequest, prompt_param: str) -> "Reservation":
+    """Check what a request gets before it reaches the engine (lengths, queue room) and take its waiting
+    slots at once, with no await in between, so that a burst cannot overshoot `max_waiting`; the model was
+    already chosen by the registry."""
     for prompt in gen.prompts:
         _check_length(engine, prompt, gen.params, prompt_param)
+    num_new = len(gen.prompts) * gen.params.n
+    if num_new > config.max_waiting:  # could never be admitted, however idle the server: not worth a retry
+        raise bad_request(f"this request asks for {num_new} completions (n={gen.params.n} for each of "
+                          f"{len(gen.prompts)} prompts), but the server queues at most {config.max_waiting} "
+                          f"(--max-waiting); lower n or send fewer prompts per request", "n", "too_many_choices")
     if not engine.is_running:
         raise APIError(503, "the engine is not running", code="engine_not_ready")
-    num_waiting, num_new = engine.num_waiting_requests, len(gen.prompts) * gen.params.n
+    num_waiting = engine.num_waiting_requests
     if num_waiting + num_new > config.max_waiting:
         raise APIError(429, f"the server is busy ({num_waiting} requests waiting); retry later",
                        code="too_many_requests", headers={"Retry-After": str(config.retry_after_s)})
+    return Reservation(engine, num_new)
+
+
+class Reservation:
+    """Waiting slots taken at admission for choices not yet handed to the engine.
+
+    Each slot is given back exactly once: when its choice enters the engine's own queue
+    (`hand_over`, right before `generate()` queues it, with no await in between), or when the
+    run ends before that for any reason (`release_all`).
+    """
+
+    def __init__(self, engine: AsyncEngine, num_slots: int):
+        self.engine = engine
+        self.num_slots = num_slots
+        engine.num_reserved += num_slots
+
+    def hand_over(self) -> None:
+        """One choice is about to be queued by the engine, which counts it as waiting from then on."""
+        if self.num_slots:
+            self.num_slots -= 1
+            self.engine.num_reserved -= 1
+
+    def release_all(self) -> None:
+        """Give back the slots of the choices never handed over (the run ended first)."""
+        self.engine.num_reserved -= self.num_slots
+        self.num_slots = 0
 
 
 def _check_length(engine: AsyncEngine, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
@@ -47,8 +85,10 @@ class ChoiceRun:
     cancellation) aborts every choice still running, so its KV blocks are freed.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, engine: AsyncEngine, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 reservation: Reservation):
         self.engine = engine
+        self.reservation = reservation
         self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts) * params.n)]
         self._jobs = [(prompt, params.for_choice(i)) for prompt in prompts for i in range(params.n)]
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -61,6 +101,7 @@ class ChoiceRun:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
+        self.reservation.release_all()  # the choices whose pump never started
         self.abort()
         for task in self._pumps:
             task.cancel()
@@ -94,6 +135,7 @@ class ChoiceRun:
         return index, item
 
     async def _pump(self, index: int, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.reservation.hand_over()  # generate() queues the choice before its first await
         try:
             async for output in self.engine.generate(request_id, prompt, params):
                 self._queue.put_nowait((index, output))

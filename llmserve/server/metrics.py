@@ -66,7 +66,8 @@ class EngineCollector:
         kvs = [core.kv for core in cores]
         yield _gauge("llmserve_requests_running", "Requests being decoded or prefilled",
                      sum(e.num_running_requests for e in engines))
-        yield _gauge("llmserve_requests_waiting", "Requests queued for admission",
+        yield _gauge("llmserve_requests_waiting",
+                     "Requests accepted but not running (not yet started, or preempted); --max-waiting bounds it",
                      sum(e.num_waiting_requests for e in engines))
         yield _gauge("llmserve_kv_blocks_total", "KV cache blocks in the pool", sum(kv.num_blocks for kv in kvs))
         yield _gauge("llmserve_kv_blocks_used", "KV blocks held by requests (ref count > 0)",

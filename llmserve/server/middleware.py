@@ -1,4 +1,5 @@
-"""Middlewares, outermost first: request context (id, access log, metrics), errors, auth."""
+"""Middlewares, outermost first: request context (id, access log, metrics), errors, allowed hosts, auth,
+JSON bodies."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uuid
 from aiohttp import web
 
 from llmserve.server.errors import APIError, from_http_exception
+from llmserve.server.hosts import allowed_host_names, host_allowed
 from llmserve.server.state import CONFIG, METRICS, STATS, RequestStats
 
 access_logger = logging.getLogger("llmserve.access")
@@ -23,6 +25,7 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the response ended
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_SHOWN_HOST_CHARS = 100
 
 
 def request_id_of(request: web.Request) -> str:
@@ -84,16 +87,47 @@ async def error_middleware(request: web.Request, handler):
 
 
 @web.middleware
+async def host_middleware(request: web.Request, handler):
+    """421 for a Host header this server does not answer (DNS rebinding); /health and /metrics included,
+    since a rebound page could read the metrics."""
+    config = request.app[CONFIG]
+    host = request.headers.get("Host")
+    if not host_allowed(host, allowed_host_names(config.host, config.allowed_hosts)):
+        shown = host[:MAX_SHOWN_HOST_CHARS]
+        raise APIError(421, f"this server does not answer for the host {shown!r}; if that name is meant to reach "
+                            f"it, start the server with --allowed-hosts listing it (or '*' for any)",
+                       code="host_not_allowed")
+    return await handler(request)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler):
     """Bearer-token check in constant time; /health and /metrics stay open."""
     api_key = request.app[CONFIG].api_key
     if api_key is None or request.path in OPEN_PATHS:
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(_raw(token.strip()), _raw(api_key)):
         raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
-MIDDLEWARES = [context_middleware, error_middleware, auth_middleware]
+def _raw(text: str) -> bytes:
+    # header bytes that are not UTF-8 arrive as surrogate escapes; they must compare, not raise
+    return text.encode("utf-8", "surrogatepass")
+
+
+@web.middleware
+async def json_body_middleware(request: web.Request, handler):
+    """415 for a POST whose body is not declared JSON: a browser posts text/plain (or no type) to any site
+    without asking first, so accepting it would let any web page run generations here."""
+    routed = request.match_info.http_exception is None  # an unknown path stays a 404
+    if request.method == "POST" and routed and request.content_type != "application/json":
+        declared = request.headers.get("Content-Type")
+        raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
+                            f"{repr(declared) if declared else 'no Content-Type'}", code="unsupported_media_type")
+    return await handler(request)
+
+
+MIDDLEWARES = [context_middleware, error_middleware, host_middleware, auth_middleware, json_body_middleware]

@@ -1,4 +1,10 @@
-"""The served models: each one ready (an engine), building (in the background) or failed (an error)."""
+"""The served models: each one ready (an engine), building (in the background) or failed (an error).
+
+Model names, one rule: every model has one canonical name, the id `/v1/models` lists and responses
+carry. The first model registered is the default model: a request without `model`, or with
+`"model": "default"`, gets it, however the server was started (`default` is an alias, not listed).
+Two models with one name, or `default` naming another model than the first, are refused.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from llmserve.server.errors import APIError
 from llmserve.server.logprobs import TokenPieces
 
 READY, BUILDING, FAILED = "ready", "building", "failed"
+DEFAULT_ALIAS = "default"
 # Builds an engine (not yet started) in the background; raising marks the model failed.
 EngineBuild = Callable[[], Awaitable[AsyncEngine]]
 
@@ -33,11 +40,19 @@ class ServedModel:
         self.status, self.error, self.build = FAILED, error, None
 
 
-class ModelRegistry:
-    """Served models by name, in registration order (the first ready one answers requests without `model`)."""
+class DuplicateModelNameError(ValueError):
+    """Two served models would answer to one name."""
 
-    def __init__(self, build_retry_after_s: int = 5):
+
+class ModelRegistry:
+    """Served models by canonical name, in registration order; the first is the default model.
+
+    `queue_timeout` is applied to every engine that becomes ready here (see AsyncEngine).
+    """
+
+    def __init__(self, build_retry_after_s: int = 5, queue_timeout: float | None = None):
         self.build_retry_after_s = build_retry_after_s
+        self.queue_timeout = queue_timeout
         self._models: dict[str, ServedModel] = {}
 
     def __len__(self) -> int:
@@ -48,8 +63,13 @@ class ModelRegistry:
 
     def add_ready(self, name: str, engine: AsyncEngine) -> ServedModel:
         model = self._add(ServedModel(name, status=BUILDING))
-        model.mark_ready(engine)
+        self.mark_ready(model, engine)
         return model
+
+    def mark_ready(self, model: ServedModel, engine: AsyncEngine) -> None:
+        """Make `model` serve `engine`, under this server's queue timeout."""
+        engine.queue_timeout = self.queue_timeout
+        model.mark_ready(engine)
 
     def add_building(self, name: str, build: EngineBuild) -> ServedModel:
         """Register `name` as building; the app runs `build()` once it starts (see builds.run_builds)."""
@@ -57,7 +77,14 @@ class ModelRegistry:
 
     def _add(self, model: ServedModel) -> ServedModel:
         assert model.name, "a served model name must not be empty"
-        assert model.name not in self._models, f"the model name {model.name!r} is registered twice"
+        if model.name in self._models:
+            raise DuplicateModelNameError(
+                f"two models would be served as {model.name!r}; every served model needs its own name "
+                f"(rename the main one with --served-model-name)")
+        if model.name == DEFAULT_ALIAS and self._models:
+            raise DuplicateModelNameError(
+                f"{DEFAULT_ALIAS!r} is the alias of the first model ({next(iter(self._models))!r}); "
+                f"serve this one under another name")
         self._models[model.name] = model
         return model
 
@@ -68,19 +95,20 @@ class ModelRegistry:
         return {name: model.status for name, model in self._models.items()}
 
     def default(self) -> ServedModel | None:
-        """The model a request without `model` gets: the first ready one, else the first registered."""
-        ready = self.ready()
-        return ready[0] if ready else next(iter(self._models.values()), None)
+        """The default model: the first registered (ready, building or failed)."""
+        return next(iter(self._models.values()), None)
 
     def find(self, name: str | None) -> ServedModel | None:
-        return self.default() if name is None else self._models.get(name)
+        """The model `name` names: its canonical name, `default` (or None) for the default model."""
+        if name is None or (name == DEFAULT_ALIAS and name not in self._models):
+            return self.default()
+        return self._models.get(name)
 
     def select(self, name: str | None) -> ServedModel:
         """The ready model `name` names (None: the default), or the APIError a request for it gets."""
         model = self.find(name)
         if model is None:
-            served = ", ".join(repr(n) for n in self._models)
-            raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
+            raise APIError(404, f"the model '{name}' does not exist; this server serves {self._names_served()}",
                            param="model", code="model_not_found")
         if model.status == BUILDING:
             raise APIError(503, f"model {model.name} is being built; retry later", param="model",
@@ -89,3 +117,7 @@ class ModelRegistry:
             raise APIError(500, f"model {model.name} failed to build: {model.error}", param="model",
                            code="model_build_failed")
         return model
+
+    def _names_served(self) -> str:
+        served = ", ".join(repr(n) for n in self._models)
+        return served if DEFAULT_ALIAS in self._models else f"{served} (and {DEFAULT_ALIAS!r} for the first)"

@@ -2,12 +2,19 @@
 
 Range checks of sampling values live in SamplingParams; this module checks JSON types,
 OpenAI-only fields, and turns SamplingParams' ValueError into a 400 naming the field.
+
+Special tokens: text in chat messages never becomes a control token (engine/chat_template.py),
+so a message cannot open a turn of another role. A /v1/completions text prompt is encoded as
+written, special-token text included (as vLLM does): its author owns the whole prompt and may
+write a chat template by hand; a server that lets others fill in a completions prompt must
+strip such text itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmserve.engine.chat_template import ChatTemplateError, encode_chat
 from llmserve.sampling_params import SamplingParams
 from llmserve.server.errors import bad_request
 from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number, get_object, get_str,
@@ -16,6 +23,13 @@ from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number,
 CHAT_ROLES = ("system", "user", "assistant")
 # fields whose meaning we cannot honour: refusing beats silently ignoring them
 UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+# Every generated token is checked against each stop string and stop id, inside the engine step
+# that all requests share: unbounded lists let one request slow every other stream. OpenAI
+# allows 4 stop strings; these bounds leave room for real uses and keep the cost per token small.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # setting up the matcher costs time linear in the total length
+MAX_STOP_TOKEN_IDS = 64
+STOP_LIMIT_REASON = " (every generated token is checked against each one, in the step all requests share)"
 
 
 @dataclass(slots=True)
@@ -54,7 +68,8 @@ def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
 
 
 def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
-    """A /v1/completions body: prompt as text, texts, token ids, or lists of token ids."""
+    """A /v1/completions body: prompt as text, texts, token ids, or lists of token ids; special-token text in
+    a text prompt is encoded as the special token."""
     prompts, texts = _prompts(body, tokenizer, limits)
     params = _sampling_params(body, limits, default_max_tokens=16,
                               logprobs=get_int(body, "logprobs"), logprobs_field="logprobs")
@@ -66,14 +81,13 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest
 
 
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
-    """Template with the generation prompt, encoded without special tokens (the template has any BOS)."""
+    """Template with the generation prompt as token ids; special-token text inside messages stays plain text."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # templates raise on e.g. roles out of order
-        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(tokenizer, messages)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from exc
 
 
 # ---- pieces --------------------------------------------------------------------------
@@ -103,7 +117,12 @@ def _message(message, index: int) -> dict:
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise bad_request(f"{param}.role must be one of {', '.join(CHAT_ROLES)}", f"{param}.role")
-    return {"role": role, "content": _content(message.get("content"), f"{param}.content")}
+    if message.get("tool_calls"):
+        raise bad_request(f"{param}.tool_calls is not supported by this server", f"{param}.tool_calls")
+    content = message.get("content")
+    if content is None and role == "assistant":  # OpenAI allows it (e.g. after a refusal); nothing was said
+        content = ""
+    return {"role": role, "content": _content(content, f"{param}.content")}
 
 
 def _content(content, param: str) -> str:
@@ -153,8 +172,11 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
         frequency_penalty=get_number(body, "frequency_penalty", 0.0),
         repetition_penalty=get_number(body, "repetition_penalty", 1.0),
         max_tokens=get_int(body, max_tokens_field, default_max_tokens), min_tokens=get_int(body, "min_tokens", 0),
-        stop=get_str_list(body, "stop"), ignore_eos=get_bool(body, "ignore_eos"),
-        stop_token_ids=get_int_list(body, "stop_token_ids", lo=0, hi=limits.vocab_size - 1),
+        stop=get_str_list(body, "stop", max_items=MAX_STOP_STRINGS, max_chars=MAX_STOP_STRING_CHARS,
+                          why=STOP_LIMIT_REASON),
+        ignore_eos=get_bool(body, "ignore_eos"),
+        stop_token_ids=get_int_list(body, "stop_token_ids", lo=0, hi=limits.vocab_size - 1,
+                                    max_items=MAX_STOP_TOKEN_IDS, why=STOP_LIMIT_REASON),
         skip_special_tokens=get_bool(body, "skip_special_tokens", True),
         include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs)
     get_str(body, "user")  # accepted for OpenAI compatibility; never logged

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from aiohttp import web
 
-from llmserve.engine.async_engine import AsyncEngine
+from llmserve.engine.async_engine import AsyncEngine, QueueTimeoutError
 from llmserve.engine.engine import RequestOutput
-from llmserve.server.errors import APIError, bad_request
+from llmserve.server.body import parse_json_object
+from llmserve.server.errors import APIError
 from llmserve.server.generation import ChoiceRun, admit
 from llmserve.server.protocol import GenerationRequest
 from llmserve.server.responses import ChoiceState, Renderer, usage
@@ -22,25 +22,29 @@ SHUTDOWN_ERROR = "the request was aborted because the server is shutting down"
 
 
 async def read_json(request: web.Request) -> dict:
-    """The body as a JSON object, or a 400 (a body over the size limit is a 413 from aiohttp)."""
+    """The body as a JSON object, or a 400 (a body over the size limit is a 413 from aiohttp; one slower
+    than the body timeout a 408, and the connection closes)."""
     if request.app[SHUTTING_DOWN].is_set():
-        raise APIError(503, "the server is shutting down", code="shutting_down")
+        raise APIError(503, "the server is shutting down; retry on a new connection", code="shutting_down")
+    return parse_json_object(await _read_body(request))
+
+
+async def _read_body(request: web.Request) -> bytes:
+    timeout = request.app[CONFIG].body_timeout
     try:
-        body = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object", code="invalid_json")
-    return body
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError as exc:  # a trickled or missing body must not hold the connection for minutes
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s; send the whole body at once",
+                       code="body_timeout", headers={"Connection": "close"}) from exc
 
 
 async def serve_generation(request: web.Request, engine: AsyncEngine, gen: GenerationRequest, renderer: Renderer
                            ) -> web.StreamResponse:
     """Admit `gen`, run all its choices in `engine`, and answer; leaving aborts what still runs."""
     stats = request[STATS]
-    admit(engine, request.app[CONFIG], gen, renderer.prompt_param)
+    reservation = admit(engine, request.app[CONFIG], gen, renderer.prompt_param)
     stats.num_prompt_tokens = sum(len(p) for p in gen.prompts)
-    run = ChoiceRun(engine, renderer.response_id, gen.prompts, gen.params)
+    run = ChoiceRun(engine, renderer.response_id, gen.prompts, gen.params, reservation)
     inflight = request.app[INFLIGHT]
     inflight.add(run)
     try:
@@ -48,6 +52,8 @@ async def serve_generation(request: web.Request, engine: AsyncEngine, gen: Gener
             if gen.stream:
                 return await _stream(request, run, gen, renderer)
             return await _collect(request, run, gen, renderer)
+    except QueueTimeoutError as exc:
+        raise _queue_timeout_error(exc) from exc
     finally:
         inflight.discard(run)
         stats.finish_reasons.extend(["abort"] * run.num_unfinished)
@@ -63,7 +69,7 @@ async def _collect(request: web.Request, run: ChoiceRun, gen: GenerationRequest,
 async def _stream(request: web.Request, run: ChoiceRun, gen: GenerationRequest, renderer: Renderer
                   ) -> web.StreamResponse:
     choices = [ChoiceState(i) for i in range(len(run.request_ids))]
-    sse = SSEStream(request)
+    sse = SSEStream(request, request.app[CONFIG].sse_keepalive_s)
     try:
         await sse.open()
         for chunk in renderer.opening_chunks(len(choices)):
@@ -81,6 +87,8 @@ async def _stream(request: web.Request, run: ChoiceRun, gen: GenerationRequest, 
         raise
     except Exception as exc:  # the stream is open: the error travels as an event, then [DONE]
         await _end_with_error(request, sse, exc)
+    finally:
+        sse.stop_keepalive()
     return sse.response
 
 
@@ -91,7 +99,13 @@ def _record(request: web.Request, choice: ChoiceState, index: int, output: Reque
     choice.add(output)
 
 
+def _queue_timeout_error(exc: QueueTimeoutError) -> APIError:
+    return APIError(503, str(exc), code="queue_timeout", headers={"Retry-After": "1"})
+
+
 async def _end_with_error(request: web.Request, sse: SSEStream, exc: Exception) -> None:
+    if isinstance(exc, QueueTimeoutError):
+        exc = _queue_timeout_error(exc)
     if not isinstance(exc, APIError):
         logger.error("generation failed: %r", exc, exc_info=exc)
         exc = APIError(500, f"generation failed: {exc}", code="internal_error")

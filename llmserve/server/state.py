@@ -56,5 +56,6 @@ CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
 INFLIGHT = web.AppKey("inflight", InflightRuns)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+ABORT_NOW = web.AppKey("abort_now", asyncio.Event)  # set by a second signal: stop waiting, abort in-flight requests
 STARTED = web.AppKey("started", int)  # unix time, the `created` of the model card
 STATS = web.RequestKey("stats", RequestStats)
