@@ -4,7 +4,8 @@ Usage: python bench/cpu_offline.py [--num-prompts 16] [--max-tokens 128] [--quan
 Same model (the default SmolLM2-135M-Instruct), same chat-templated prompts, greedy, forced
 lengths (EOS ignored). llmserve gets all prompts at once (in-flight batching); HF runs them
 one at a time (its plain `generate`, the way a simple server would) and, as a second peer,
-in static padded batches of `--hf-batch`. Prints tokens/s of each and the ratios.
+in static padded batches of `--hf-batch`. Prints tokens/s of each and the ratios; progress lines with
+the elapsed time go to stderr.
 """
 
 from __future__ import annotations
@@ -45,9 +46,21 @@ def run_llmserve(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
     return elapsed
 
 
-def run_hf(model, prompts: list[list[int]], max_tokens: int, batch: int) -> float:
+class Progress:
+    """Lines on stderr with the time since the start: the whole run takes minutes and prints its result last."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def run_hf(model, prompts: list[list[int]], max_tokens: int, batch: int, say: Progress) -> float:
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
+        last = min(i + batch, len(prompts))
+        say(f"HF generate, batches of {batch}: prompt{f's {i + 1}-' if last > i + 1 else ' '}{last} of {len(prompts)}")
         chunk = prompts[i:i + batch]
         width = max(map(len, chunk))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
@@ -68,16 +81,24 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
+    say = Progress()
+    say("loading the default model into llmserve" + (f" ({args.quantization})" if args.quantization else ""))
     path = resolve_model("default")
     llm = LLM(str(path), max_num_seqs=args.num_prompts) if not args.quantization else LLM(
         engine=_quantized_engine(path, args.num_prompts))
     prompts = chat_prompts(llm.tokenizer, args.num_prompts)
+    say("loading the same model into HuggingFace transformers")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    run_llmserve(llm, prompts[:2], 4)  # warm-up
+    say("llmserve warm-up")
+    run_llmserve(llm, prompts[:2], 4)
     total_out = args.num_prompts * args.max_tokens
+    say(f"llmserve: {args.num_prompts} prompts x {args.max_tokens} tokens, all at once")
     ours = run_llmserve(llm, prompts, args.max_tokens)
-    hf_single = run_hf(hf, prompts, args.max_tokens, 1)
-    hf_batched = run_hf(hf, prompts, args.max_tokens, args.hf_batch)
+    say(f"llmserve: {total_out / ours:.1f} tok/s")
+    hf_single = run_hf(hf, prompts, args.max_tokens, 1, say)
+    say(f"HF generate one at a time: {total_out / hf_single:.1f} tok/s")
+    hf_batched = run_hf(hf, prompts, args.max_tokens, args.hf_batch, say)
+    say(f"HF generate in batches of {args.hf_batch}: {total_out / hf_batched:.1f} tok/s")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
               "num_prompts": args.num_prompts, "prompt_tokens": sum(map(len, prompts)), "max_tokens": args.max_tokens,

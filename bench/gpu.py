@@ -2,7 +2,7 @@
 
 Usage (on a CUDA machine):  python bench/gpu.py --models llama-1b,llama-8b --out bench/results/gpu.json
 Prints a table with ratios against the HF peers and fractions of the roofline, and
-writes everything (card, date, versions, settings) as JSON. Workloads: ../shared/WORKLOADS.md.
+writes everything (card, date, versions, settings) as JSON. Workloads: bench/workloads.md.
 """
 
 from __future__ import annotations

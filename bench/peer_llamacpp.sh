@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Workload C (../shared/WORKLOADS.md): llmserve vs llama.cpp's own llama-server on the same
+# Workload C (bench/workloads.md): llmserve vs llama.cpp's own llama-server on the same
 # GGUF model (SmolLM2-135M-Instruct Q4_1), at concurrency 1, 4 and 16, one server at a time
 # (they would otherwise share the same CPU cores). Writes JSON results and one comparison
 # report under bench/results/.
@@ -56,8 +56,9 @@ run_level() {  # label, base url, model name, concurrency
 
 PID=
 trap '[ -n "$PID" ] && kill $PID 2>/dev/null || true' EXIT
-start_llamacpp() {  # continuous batching with 16 slots, all cores
-  "$CACHE/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8101 -c 32768 -np 16 -t "$THREADS" -cb \
+start_llamacpp() {  # continuous batching with 16 slots, all cores; listed on /v1/models as smollm2, the
+                   # name the harness checks before it sends the run
+  "$CACHE/llama-server" -m "$GGUF" --alias smollm2 --host 127.0.0.1 --port 8101 -c 32768 -np 16 -t "$THREADS" -cb \
     >>"$OUT/llama-server.log" 2>&1 &
   PID=$!
   wait_healthy http://127.0.0.1:8101 "$PID"

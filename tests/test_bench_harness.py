@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -16,9 +14,12 @@ from llmserve.bench import report
 from llmserve.bench.client import EndpointConfig
 from llmserve.bench.datasets import BenchRequest, random_dataset
 from llmserve.bench.load import LoadConfig, arrival_gaps, run_load
+from llmserve.bench.errors import BenchError
 from llmserve.bench.metrics import summarize
+from llmserve.bench.preflight import check_model
+from llmserve.bench.scrape import ServerMonitor
 from llmserve.cli import main as llmserve_main
-from tests.fake_openai_server import FakeOpenAIServer, FakeScript
+from tests.fake_openai_server import FakeOpenAIServer, FakeScript, server_in_thread
 
 # Generous bounds for a loaded machine: a sleep is never early, but it can be late.
 EARLY, LATE = 0.005, 0.060
@@ -102,7 +103,8 @@ async def test_max_seconds_bounds_the_run():
         result = await run_load(requests_of(100, 2), EndpointConfig(server.base_url, "m"),
                                 load(request_rate=5.0, max_seconds=0.5))
         assert server.num_requests < 100
-    assert len(result.records) + result.num_cancelled == server.num_requests
+    assert len(result.records) + result.num_cut_in_flight == server.num_requests
+    assert len(result.records) + result.num_cancelled == 100 and result.num_not_started > 0
 
 
 def test_arrival_gaps_are_seeded_with_the_requested_mean():
@@ -116,23 +118,6 @@ def test_arrival_gaps_are_seeded_with_the_requested_mean():
 def test_random_dataset_as_text_for_chat():
     items = random_dataset(4, (5, 8), 16, seed=0, endpoint="chat")
     assert all(isinstance(x.prompt, str) and len(x.prompt.split()) == x.prompt_len for x in items)
-
-
-@contextlib.contextmanager
-def server_in_thread(script: FakeScript):
-    """The fake server on its own event loop thread, for the blocking CLI."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = FakeOpenAIServer(script)
-    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(10)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def run_cli(server, tmp_path, label: str, *extra: str) -> dict:
@@ -184,14 +169,28 @@ def test_bench_against_the_real_llmserve_server():
         pytest.skip("default model checkpoint not pulled")
     server = start_server(make_tiny_engine(tokenizer))
     try:
-        for endpoint in ("chat", "completions"):
+        for num_runs, endpoint in enumerate(("chat", "completions"), 1):
             items = random_dataset(4, (10, 30), 6, seed=0, tokenizer=tokenizer, endpoint=endpoint)
-            result = asyncio.run(run_load(items, EndpointConfig(server.v1, "default", endpoint, ignore_eos=True),
-                                          load(concurrency=2), tokenizer))
+            config = EndpointConfig(server.v1, "default", endpoint, ignore_eos=True)
+            monitor = ServerMonitor(config.metrics_url, 0.02, warn=pytest.fail)
+            result = asyncio.run(run_load(items, config, load(concurrency=2), tokenizer, monitor=monitor))
             assert [(r.error_kind, r.output_tokens, r.output_tokens_source) for r in result.records] == [
                 (None, 6, "usage")] * 4
+            assert_real_server_metrics(result.server_metrics, num_generated=num_runs * 4 * 6)
+        with pytest.raises(BenchError, match="does not serve model 'llama'; it serves 'default'"):
+            asyncio.run(check_model(EndpointConfig(server.v1, "llama"), warn=pytest.fail))
     finally:
         server.stop()
+
+
+def assert_real_server_metrics(series: dict, num_generated: int) -> None:
+    """llmserve's own /metrics, scraped through a run: every block accounted for, none in use at the end."""
+    assert series is not None and len(series["t"]) >= 2 and series["t"] == sorted(series["t"])
+    assert set(series["kv_blocks_total"]) == {256.0}
+    for used, cached, free in zip(series["kv_blocks_used"], series["kv_blocks_cached"], series["kv_blocks_free"]):
+        assert used + cached + free == 256 and min(used, cached, free) >= 0
+    assert series["kv_blocks_used"][-1] == 0 and series["requests_running"][-1] == 0
+    assert series["generation_tokens"][-1] == num_generated and series["preemptions"][-1] == 0
 
 
 async def test_malformed_stream_and_timeout_are_their_own_error_kinds():

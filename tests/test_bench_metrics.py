@@ -6,7 +6,8 @@ import pytest
 
 from llmserve.bench.client import RequestRecord
 from llmserve.bench.datasets import chat_dataset, random_dataset, workload_c_prompts
-from llmserve.bench.metrics import meets_slo, measured_duration, parse_slo, stats, summarize, tpot
+from llmserve.bench.metrics import (describe_slo, meets_slo, measured_duration, parse_slo, stats, summarize,
+                                     throughput_over_time, tpot)
 
 
 def make_record(request_id=0, start=0.0, chunk_times=(0.1, 0.3, 0.6), e2e=0.7, output_tokens=3, prompt_tokens=10,
@@ -111,3 +112,19 @@ def test_chat_dataset_shares_system_prompt():
     assert len(items) == 6
     assert len({x.prompt[0]["content"] for x in items}) == 1
     assert [len(x.prompt) for x in items] == [2, 2, 2, 4, 4, 4]
+
+
+def test_describe_slo_in_milliseconds():
+    assert describe_slo(parse_slo("ttft=500ms,tpot=12.5ms,e2e=2s")) == "TTFT <= 500 ms, TPOT <= 12.5 ms, E2E <= 2000 ms"
+    assert describe_slo({}) == "none"
+    assert summarize([make_record()], parse_slo("ttft=1s"))["goodput_slo"] == "TTFT <= 1000 ms"
+
+
+def test_throughput_over_time_spreads_tokens_over_chunks_per_second():
+    # 4 tokens over 2 chunks at 0.5 s and 1.5 s; 3 tokens in 1 chunk at 3.2 s; a failed request counts for nothing.
+    records = [make_record(0, start=0.25, chunk_times=(0.25, 1.25), output_tokens=4),
+               make_record(1, start=3.0, chunk_times=(0.2,), output_tokens=3),
+               make_record(2, start=0.0, chunk_times=(0.1, 0.2), output_tokens=50, error_kind="disconnect")]
+    assert throughput_over_time(records, 1.0) == [(0.0, 2.0), (1.0, 2.0), (2.0, 0.0), (3.0, 3.0)]
+    assert throughput_over_time(records, 2.0) == [(0.0, 2.0), (2.0, 1.5)]
+    assert throughput_over_time([records[2]]) == []

@@ -28,12 +28,27 @@ class EndpointConfig:
         assert self.endpoint in ("chat", "completions"), f"endpoint must be chat or completions, not {self.endpoint}"
 
     @property
-    def url(self) -> str:
-        """Full URL of the endpoint; `base_url` may or may not end in /v1."""
+    def v1_url(self) -> str:
+        """`base_url` ending in /v1, whether or not it was given with it."""
         base = self.base_url.rstrip("/")
-        if not base.endswith("/v1"):
-            base += "/v1"
-        return base + ("/chat/completions" if self.endpoint == "chat" else "/completions")
+        return base if base.endswith("/v1") else base + "/v1"
+
+    @property
+    def url(self) -> str:
+        """Full URL of the generation endpoint."""
+        return self.v1_url + ("/chat/completions" if self.endpoint == "chat" else "/completions")
+
+    @property
+    def metrics_url(self) -> str:
+        """Where a Prometheus /metrics page would be: at the server root, beside /v1."""
+        return self.v1_url[:-len("/v1")] + "/metrics"
+
+    def headers(self) -> dict:
+        """Request headers: JSON, plus the bearer token when an API key is set."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
 
 @dataclass(slots=True)
@@ -84,13 +99,6 @@ def build_payload(request: BenchRequest, config: EndpointConfig) -> dict:
         assert request.prompt and isinstance(request.prompt[0], dict), "chat needs text or messages, not token ids"
         body["messages"] = request.prompt
     return body
-
-
-def _headers(config: EndpointConfig) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
-    return headers
 
 
 class _StreamState:
@@ -167,7 +175,7 @@ async def send_request(session: aiohttp.ClientSession, request: BenchRequest, co
 async def _stream(session, request, config, state: _StreamState, stats: ClientStats) -> None:
     """POST and read the event stream into `state`."""
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-    async with session.post(config.url, json=build_payload(request, config), headers=_headers(config),
+    async with session.post(config.url, json=build_payload(request, config), headers=config.headers(),
                             timeout=timeout) as resp:
         if resp.status != 200:
             body = await resp.text()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
-from llmserve.bench import report
+from llmserve.bench import plots, report
+from llmserve.bench.metrics import describe_slo
+from llmserve.bench.results import load_result, write_text_atomic
 
 # (column name, getter on a run's aggregates, scale for display)
 KEY_METRICS = [
@@ -23,18 +23,15 @@ KEY_METRICS = [
 
 
 def load_results(paths: list[str]) -> list[dict]:
-    results = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            results.append(json.load(f))
-    return results
+    """Every file as a result; BenchError naming the first that is not one."""
+    return [load_result(path) for path in paths]
 
 
 def columns(results: list[dict]) -> list[tuple[str, dict]]:
     """(name, run) for every run of every result, in file order."""
     cols = []
     for i, result in enumerate(results):
-        label = result.get("label") or f"run{i}"
+        label = (result.get("label") or f"run{i}") + (" (partial)" if result.get("interrupted") else "")
         for run in result["runs"]:
             suffix = "" if len(result["runs"]) == 1 else f"@{run['offered_rate']}"
             cols.append((label + suffix, run))
@@ -49,7 +46,8 @@ def ratio(value: float | None, base: float | None) -> float | None:
 
 
 def compare_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows: one row per key metric, `value (xratio)` per run against the first run."""
+    """Headers and rows: one row per key metric, `value (xratio)` per run against the first; the goodput SLO
+    and completed/planned requests beside them."""
     cols = columns(results)
     headers = ["metric"] + [name for name, _ in cols]
     rows = []
@@ -61,30 +59,29 @@ def compare_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
             shown = "-" if value is None else f"{value * scale:.2f}"
             row.append(shown if r is None else f"{shown} (x{r:.2f})")
         rows.append(row)
+    rows.insert(4, ["goodput SLO"] + [describe_slo(run["aggregates"].get("slo")) for _, run in cols])
+    rows.append(["completed/planned"] + [completed_of_planned(run) for _, run in cols])
     return headers, rows
 
 
-def format_text(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain aligned text table."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [headers, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def completed_of_planned(run: dict) -> str:
+    """`61/64`: successful requests of all planned ones (cancelled ones count as not completed)."""
+    counts = run.get("requests") or {"planned": run["aggregates"]["num_requests"] + run.get("num_cancelled", 0)}
+    return f"{run['aggregates']['num_successful']}/{counts['planned']}"
 
 
 def render_html(results: list[dict]) -> str:
     """All results in one page: the ratio table, overlaid CDFs, and each run's aggregates."""
     headers, rows = compare_rows(results)
     parts = ["<h2>Key metrics (ratio against the first)</h2>", report.table(headers, rows)]
-    plt = report.pyplot()
+    plt = plots.pyplot()
     if plt is not None:
         series = {name: report.records_of(run) for name, run in columns(results)}
-        parts += ["<h2>Latency CDFs</h2>", report.png_tag(plt, report.cdf_figure(plt, series))]
+        parts += ["<h2>Latency CDFs</h2>", plots.png_tag(plt, plots.cdf_figure(plt, series))]
     for name, run in columns(results):
         parts += [f"<h3>{report.html.escape(name)}</h3>", report.aggregates_table([run])]
     return report.page("llmserve bench compare", "".join(parts))
 
 
 def write_html(results: list[dict], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_html(results))
+    write_text_atomic(path, render_html(results))

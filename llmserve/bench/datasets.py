@@ -121,13 +121,17 @@ def chat_dataset(num_conversations: int = 8, num_turns: int = 4, system_words: i
 
 
 def jsonl_dataset(path: str, default_max_tokens: int = 128) -> list[BenchRequest]:
-    """One `{"prompt": ..., "max_tokens": ...}` object a line; blank lines skipped."""
+    """One `{"prompt": ..., "max_tokens": ...}` object a line; blank lines skipped; ValueError naming the line."""
     items = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            assert "prompt" in row, f"{path}:{line_no}: no 'prompt' field"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' field")
             items.append(BenchRequest(row["prompt"], int(row.get("max_tokens", default_max_tokens)), None))
     return items

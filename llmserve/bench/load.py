@@ -1,4 +1,4 @@
-"""Load shapes on one event loop: fixed concurrency, Poisson or gamma arrivals, rate sweeps."""
+"""Load shapes on one event loop: fixed concurrency, Poisson or gamma arrivals, rate sweeps; stoppable."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from llmserve.bench.client import ClientStats, EndpointConfig, RequestRecord, send_request
 from llmserve.bench.datasets import BenchRequest
+from llmserve.bench.scrape import ServerMonitor
 
 
 @dataclass(slots=True)
@@ -37,7 +38,11 @@ class LoadConfig:
 
 @dataclass(slots=True)
 class RunResult:
-    """Records of one measured run plus the client's own overhead."""
+    """Records of one measured run, the fate of every planned request, and the client's own overhead.
+
+    Each planned request either finished (a record, success or error), was cut in flight (sent, then
+    cancelled by `max_seconds` or a stop) or never started (its turn came after the bound or the stop).
+    """
 
     offered_rate: float
     concurrency: int | None
@@ -45,8 +50,24 @@ class RunResult:
     wall_seconds: float
     client_cpu_fraction: float
     mean_chunk_seconds: float
-    num_cancelled: int = 0
-    extra: dict = field(default_factory=dict)
+    num_planned: int = 0
+    num_cut_in_flight: int = 0
+    num_not_started: int = 0
+    interrupted: bool = False
+    server_metrics: dict | None = None
+
+    @property
+    def num_cancelled(self) -> int:
+        """Planned requests that never finished: cut in flight or never started."""
+        return self.num_cut_in_flight + self.num_not_started
+
+
+@dataclass(slots=True)
+class _Flight:
+    """Requests released so far: their tasks by request index, and which got past the concurrency gate."""
+
+    tasks: dict[int, asyncio.Task] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)
 
 
 def arrival_gaps(num_requests: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -73,77 +94,131 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, file=sys.stderr, disable=not enabled, unit="req", leave=False)
 
 
-async def _warmup(session, requests: list[BenchRequest], endpoint: EndpointConfig, num: int, tokenizer) -> None:
-    """Send `num` requests one by one; their records are dropped."""
-    stats = ClientStats()
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`; True as soon as `stop` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def _done_unless_stopped(future: asyncio.Future, stop: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait for `future` until it is done, `stop` is set or `timeout` passes; whether it is done."""
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({future, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    return future.done()
+
+
+async def _cancel(tasks) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _warmup(send, requests: list[BenchRequest], num: int, stop: asyncio.Event) -> None:
+    """Send `num` requests one by one (their records are dropped) unless `stop` comes first."""
     for i in range(num):
-        await send_request(session, requests[i % len(requests)], endpoint, -1 - i, time.perf_counter(), stats,
-                           tokenizer)
+        task = asyncio.create_task(send(-1 - i, requests[i % len(requests)], time.perf_counter()))
+        if not await _done_unless_stopped(task, stop):
+            await _cancel([task])
+            return
 
 
-async def _dispatch(session, requests, endpoint, load: LoadConfig, origin: float, stats: ClientStats,
-                    tokenizer, bar) -> list[asyncio.Task]:
-    """Release requests on the arrival schedule until all are sent or the time bound passes."""
+async def _dispatch(send, requests: list[BenchRequest], load: LoadConfig, origin: float, bar,
+                    stop: asyncio.Event) -> _Flight:
+    """Release requests on the arrival schedule until all are sent, the time bound passes or `stop` is set."""
     semaphore = asyncio.Semaphore(load.concurrency) if load.concurrency else contextlib.nullcontext()
     deadline = origin + load.max_seconds if load.max_seconds else math.inf
+    flight = _Flight()
 
     async def one(i: int, request: BenchRequest) -> RequestRecord:
         async with semaphore:
-            record = await send_request(session, request, endpoint, i, origin, stats, tokenizer)
+            flight.started.add(i)
+            record = await send(i, request, origin)
         if bar is not None:
             bar.update(1)
         return record
 
-    tasks = []
     next_time = origin
     for i, (gap, request) in enumerate(zip(arrival_gaps(len(requests), load.request_rate, load.burstiness,
                                                         load.seed), requests)):
         next_time += gap
-        if next_time >= deadline:
+        if next_time >= deadline or stop.is_set():
             break
         delay = next_time - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, request)))
-    return tasks
+        if delay > 0 and await _stopped_within(stop, delay):
+            break
+        flight.tasks[i] = asyncio.create_task(one(i, request))
+    return flight
 
 
-async def run_load(requests: list[BenchRequest], endpoint: EndpointConfig, load: LoadConfig,
-                   tokenizer=None) -> RunResult:
-    """Warm up, then run one measured load over `requests`, bounded by count and `max_seconds`."""
+async def run_load(requests: list[BenchRequest], endpoint: EndpointConfig, load: LoadConfig, tokenizer=None, *,
+                   stop: asyncio.Event | None = None, monitor: ServerMonitor | None = None) -> RunResult:
+    """Warm up, then run one measured load over `requests`, bounded by count, `max_seconds` and `stop`.
+
+    Setting `stop` (Ctrl-C) ends the run early: nothing more is sent, requests in flight are
+    cancelled, and the result keeps what finished, marked interrupted. `monitor` samples the
+    server's own metrics during the measured part.
+    """
     assert requests, "no requests to send"
+    stop = stop or asyncio.Event()
     async with _session() as session:
-        await _warmup(session, requests, endpoint, load.warmup, tokenizer)
+        def sender(stats: ClientStats):
+            return lambda i, request, origin: send_request(session, request, endpoint, i, origin, stats, tokenizer)
+
+        await _warmup(sender(ClientStats()), requests, load.warmup, stop)
         stats, bar = ClientStats(), _progress_bar(len(requests), load.progress)
+        send = sender(stats)
         cpu0, origin = time.process_time(), time.perf_counter()
-        tasks = await _dispatch(session, requests, endpoint, load, origin, stats, tokenizer, bar)
-        records, num_cancelled = await _collect(tasks, load, origin)
-        wall, cpu = time.perf_counter() - origin, time.process_time() - cpu0
-        if bar is not None:
-            bar.close()
+        if monitor is not None:
+            monitor.start(session, origin)
+        try:
+            flight = await _dispatch(send, requests, load, origin, bar, stop)
+            records, num_cut = await _collect(flight, load, origin, stop)
+            wall, cpu = time.perf_counter() - origin, time.process_time() - cpu0
+        finally:
+            server_metrics = await monitor.stop(session, origin) if monitor is not None else None
+            if bar is not None:
+                bar.close()
     return RunResult(load.request_rate, load.concurrency, records, wall, cpu / wall if wall > 0 else 0.0,
-                     stats.chunk_seconds / stats.num_chunks if stats.num_chunks else 0.0, num_cancelled)
+                     stats.chunk_seconds / stats.num_chunks if stats.num_chunks else 0.0,
+                     num_planned=len(requests), num_cut_in_flight=num_cut,
+                     num_not_started=len(requests) - len(records) - num_cut, interrupted=stop.is_set(),
+                     server_metrics=server_metrics)
 
 
-async def _collect(tasks: list[asyncio.Task], load: LoadConfig, origin: float) -> tuple[list[RequestRecord], int]:
-    """Wait for the sent requests; ones still running at the time bound are cancelled and dropped."""
-    if not tasks:
-        return [], 0
-    timeout = None if not load.max_seconds else max(0.0, origin + load.max_seconds - time.perf_counter())
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    records = sorted((t.result() for t in done), key=lambda r: r.request_id)
-    return records, len(pending)
+async def _collect(flight: _Flight, load: LoadConfig, origin: float,
+                   stop: asyncio.Event) -> tuple[list[RequestRecord], int]:
+    """Wait for the released requests until all end, the time bound passes or `stop` is set; cancel the rest.
+
+    Returns the finished records and how many requests were cut in flight (sent, not finished).
+    """
+    if flight.tasks:
+        timeout = None if not load.max_seconds else max(0.0, origin + load.max_seconds - time.perf_counter())
+        all_done = asyncio.ensure_future(asyncio.wait(flight.tasks.values()))
+        await _done_unless_stopped(all_done, stop, timeout)
+        await _cancel([all_done])
+    pending = {i for i, task in flight.tasks.items() if not task.done()}
+    await _cancel([flight.tasks[i] for i in pending])
+    records = sorted((task.result() for i, task in flight.tasks.items() if i not in pending),
+                     key=lambda r: r.request_id)
+    return records, len(pending & flight.started)
 
 
 async def run_sweep(requests: list[BenchRequest], endpoint: EndpointConfig, rates: list[float], load: LoadConfig,
-                    tokenizer=None) -> list[RunResult]:
-    """One run per offered rate, in order; warm-up only before the first."""
+                    tokenizer=None, *, stop: asyncio.Event | None = None,
+                    monitor: ServerMonitor | None = None) -> list[RunResult]:
+    """One run per offered rate, in order; warm-up only before the first; a stop ends the sweep."""
+    stop = stop or asyncio.Event()
     results = []
     for i, rate in enumerate(rates):
+        if stop.is_set():
+            break
         run_config = LoadConfig(rate, load.burstiness, load.concurrency, load.warmup if i == 0 else 0,
                                 load.max_seconds, load.seed, load.progress)
-        results.append(await run_load(requests, endpoint, run_config, tokenizer))
+        results.append(await run_load(requests, endpoint, run_config, tokenizer, stop=stop, monitor=monitor))
     return results

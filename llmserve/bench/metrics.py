@@ -82,4 +82,30 @@ def summarize(records: list[RequestRecord], slo: dict[str, float] | None = None)
         "e2e": stats([r.e2e for r in ok if r.e2e is not None]),
         "slo": dict(slo or {}),
         "goodput": per_s(sum(meets_slo(r, slo) for r in ok)) if slo else None,
+        "goodput_slo": describe_slo(slo) if slo else None,
     }
+
+
+def describe_slo(slo: dict[str, float] | None) -> str:
+    """`{"ttft": 0.5, "tpot": 0.05}` -> "TTFT <= 500 ms, TPOT <= 50 ms"; "none" when empty."""
+    if not slo:
+        return "none"
+    return ", ".join(f"{key.upper()} <= {limit * 1e3:g} ms" for key, limit in slo.items())
+
+
+def throughput_over_time(records: list[RequestRecord], bucket_s: float = 1.0) -> list[tuple[float, float]]:
+    """(bucket start, output tokens/s) per `bucket_s` since the run's start, successful requests only.
+
+    A request's tokens are spread evenly over its content chunks: usage may count several tokens
+    for one chunk, and the chunk time is all we know of when they arrived.
+    """
+    assert bucket_s > 0, f"bucket_s must be > 0, got {bucket_s}"
+    tokens: Counter[int] = Counter()
+    for r in records:
+        if r.success and r.chunk_times:
+            per_chunk = r.output_tokens / len(r.chunk_times)
+            for t in r.chunk_times:
+                tokens[int((r.start + t) // bucket_s)] += per_chunk
+    if not tokens:
+        return []
+    return [(b * bucket_s, tokens[b] / bucket_s) for b in range(max(tokens) + 1)]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 
+from llmserve.bench import plots
 from llmserve.bench.client import RequestRecord
+from llmserve.bench.plots import LATENCY_KEYS
+from llmserve.bench.summary import fmt, fmt_ms, goodput_line, requests_line, run_name, server_line
 
-LATENCY_KEYS = ("ttft", "tpot", "itl", "e2e")
 _STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
           "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}"
-          "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+          "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+          ".partial{background:#fee;border:1px solid #c00;padding:0.5em}")
+COUNT_KEYS = ("planned", "submitted", "completed", "failed", "cancelled", "cancelled_in_flight", "not_started")
 
 
 def records_of(run: dict) -> list[RequestRecord]:
@@ -31,88 +33,9 @@ def page(title: str, body: str) -> str:
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def pyplot():
-    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def png_tag(plt, fig) -> str:
-    """The figure as an inline <img>; closes it."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-
-
-def latency_values(records: list[RequestRecord]) -> dict[str, list[float]]:
-    """Per-metric latency samples in ms, successful requests only."""
-    from llmserve.bench.metrics import tpot
-
-    ok = [r for r in records if r.success]
-    return {"ttft": [r.ttft * 1e3 for r in ok if r.ttft is not None],
-            "tpot": [t * 1e3 for t in map(tpot, ok) if t is not None],
-            "itl": [g * 1e3 for r in ok for g in r.itl],
-            "e2e": [r.e2e * 1e3 for r in ok if r.e2e is not None]}
-
-
-def cdf_figure(plt, series: dict[str, list[RequestRecord]]):
-    """One panel per latency metric, one CDF line per labelled run."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for label, records in series.items():
-        values = latency_values(records)
-        for ax, key in zip(axes, LATENCY_KEYS):
-            data = sorted(values[key])
-            if data:
-                ax.step(data, [(i + 1) / len(data) for i in range(len(data))], where="post", label=label)
-    for ax, key in zip(axes, LATENCY_KEYS):
-        ax.set_title(f"{key.upper()} CDF")
-        ax.set_xlabel("ms")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return fig
-
-
-def itl_time_figure(plt, records: list[RequestRecord]):
-    """Each inter-token gap at the time it ended, over the run."""
-    fig, ax = plt.subplots(figsize=(12, 3.5))
-    xs, ys = [], []
-    for r in records:
-        if r.success:
-            for t, gap in zip(r.chunk_times[1:], r.itl):
-                xs.append(r.start + t)
-                ys.append(gap * 1e3)
-    ax.scatter(xs, ys, s=2, alpha=0.5)
-    ax.set(title="ITL over time", xlabel="seconds since start", ylabel="ms")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def sweep_figure(plt, runs: list[dict]):
-    """Achieved request and output-token throughput against offered rate."""
-    runs = [run for run in runs if isinstance(run["offered_rate"], (int, float))]
-    rates = [run["offered_rate"] for run in runs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
-    ax1.plot(rates, [run["aggregates"]["request_throughput"] for run in runs], "o-", label="achieved")
-    ax1.plot(rates, rates, "--", color="gray", label="offered")
-    ax1.set(title="request throughput", xlabel="offered rate (req/s)", ylabel="req/s")
-    ax1.legend()
-    ax2.plot(rates, [run["aggregates"]["output_throughput"] for run in runs], "o-")
-    ax2.set(title="output tokens/s", xlabel="offered rate (req/s)", ylabel="tok/s")
-    return fig
+def paragraph(text: str, css_class: str | None = None) -> str:
+    attr = f" class='{css_class}'" if css_class else ""
+    return f"<p{attr}>{html.escape(text)}</p>"
 
 
 def aggregates_table(runs: list[dict]) -> str:
@@ -130,40 +53,62 @@ def aggregates_table(runs: list[dict]) -> str:
     return table(headers, rows)
 
 
-def render_html(result: dict) -> str:
-    """The whole report of one result file as one HTML string."""
-    runs = result["runs"]
-    parts = [f"<p>{html.escape(result['environment'].get('date', ''))} on "
-             f"{html.escape(result['environment'].get('host', ''))}; latencies in ms.</p>",
-             "<h2>Aggregates</h2>", aggregates_table(runs),
-             "<h2>Errors and client overhead</h2>", _errors_table(runs),
-             "<h2>Configuration</h2>", table(["key", "value"], [[k, v] for k, v in result["config"].items()])]
-    plt = pyplot()
-    if plt is None:
-        parts.append("<p>matplotlib is not installed: no plots (pip install 'llmserve[bench]').</p>")
-    else:
-        parts[3:3] = _plots(plt, runs)
-    return page(f"llmserve bench: {result.get('label') or 'run'}", "".join(parts))
-
-
-def _plots(plt, runs: list[dict]) -> list[str]:
-    series = {f"rate {run['offered_rate']}": records_of(run) for run in runs}
-    parts = ["<h2>Latency CDFs</h2>", png_tag(plt, cdf_figure(plt, series)),
-             "<h2>ITL over time</h2>", png_tag(plt, itl_time_figure(plt, records_of(runs[-1])))]
-    if len(runs) > 1:
-        parts += ["<h2>Throughput vs offered rate</h2>", png_tag(plt, sweep_figure(plt, runs))]
-    return parts
+def requests_table(runs: list[dict]) -> str:
+    """One row per run: planned, submitted, completed, failed and cancelled requests."""
+    rows = [[run["offered_rate"], *(run.get("requests", {}).get(key, "-") for key in COUNT_KEYS)] for run in runs]
+    return table(["offered rate", *(key.replace("_", " ") for key in COUNT_KEYS)], rows)
 
 
 def _errors_table(runs: list[dict]) -> str:
     rows = [[run["offered_rate"], fmt(run["aggregates"]["error_rate"], 3),
              ", ".join(f"{k}: {v}" for k, v in run["aggregates"]["errors_by_kind"].items()) or "none",
-             run.get("num_cancelled", 0), fmt(run["client_overhead"]["cpu_fraction"], 3),
-             fmt(run["client_overhead"]["mean_chunk_us"], 1)] for run in runs]
-    return table(["offered rate", "error rate", "errors by kind", "cut off by time bound", "client CPU / wall",
-                  "client us / chunk"], rows)
+             fmt(run["client_overhead"]["cpu_fraction"], 3), fmt(run["client_overhead"]["mean_chunk_us"], 1)]
+            for run in runs]
+    return table(["offered rate", "error rate", "errors by kind", "client CPU / wall", "client us / chunk"], rows)
 
 
-def write_html(result: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_html(result))
+def _run_sentences(result: dict) -> str:
+    config = result.get("config", {})
+    parts = []
+    for run in result["runs"]:
+        lines = [requests_line(run, config), goodput_line(run["aggregates"])]
+        lines.append(server_line(run.get("server_metrics")) or "server: no /metrics view (see the config's "
+                     "metrics_interval_ms; a server other than llmserve has none)")
+        parts.append(f"<h3>{html.escape(run_name(run))}</h3>" + "".join(paragraph(line) for line in lines))
+    return "".join(parts)
+
+
+def render_html(result: dict) -> str:
+    """The whole report of one result file as one HTML string."""
+    runs = result["runs"]
+    env = result.get("environment", {})
+    parts = [paragraph(f"{env.get('date', '')} on {env.get('host', '')}; latencies in ms.")]
+    if result.get("interrupted"):
+        parts.append(paragraph("Partial result: the run was interrupted (Ctrl-C); it holds the requests that "
+                               "finished before, the others are counted as cancelled.", "partial"))
+    parts += ["<h2>Requests</h2>", requests_table(runs), _run_sentences(result),
+              "<h2>Aggregates</h2>", aggregates_table(runs),
+              "<h2>Errors and client overhead</h2>", _errors_table(runs),
+              "<h2>Configuration</h2>", table(["key", "value"], [[k, v] for k, v in result["config"].items()])]
+    plt = plots.pyplot()
+    if plt is None:
+        parts.append("<p>matplotlib is not installed: no plots (pip install 'llmserve[bench]').</p>")
+    else:
+        at = parts.index("<h2>Errors and client overhead</h2>")
+        parts[at:at] = _plots(plt, runs)
+    return page(f"llmserve bench: {result.get('label') or 'run'}", "".join(parts))
+
+
+def _plots(plt, runs: list[dict]) -> list[str]:
+    series = {f"rate {run['offered_rate']}": records_of(run) for run in runs}
+    parts = ["<h2>Latency CDFs</h2>", plots.png_tag(plt, plots.cdf_figure(plt, series)),
+             "<h2>TTFT against prompt length</h2>", plots.png_tag(plt, plots.ttft_prompt_figure(plt, series))]
+    if len(runs) > 1:
+        parts += ["<h2>Throughput vs offered rate</h2>", plots.png_tag(plt, plots.sweep_figure(plt, runs))]
+    for run, records in zip(runs, series.values()):
+        parts += [f"<h2>Over time: {html.escape(run_name(run))}</h2>",
+                  plots.png_tag(plt, plots.throughput_time_figure(plt, records, run.get("server_metrics"))),
+                  plots.png_tag(plt, plots.itl_time_figure(plt, records))]
+        if run.get("server_metrics"):
+            parts.append(plots.png_tag(plt, plots.server_metrics_figure(plt, run["server_metrics"])))
+    return parts
