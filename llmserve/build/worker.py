@@ -146,8 +146,12 @@ async def _stop_worker_async(proc: asyncio.subprocess.Process, communicating: as
 # ---- child side ----------------------------------------------------------------------------
 
 def build_engine(checkpoint_dir: str | Path, profile: BuildProfile, repo_root: str | Path,
-                 device: str = "cpu") -> Path:
-    """Build into a temp folder in the repository root; manifest written last, then renamed into place."""
+                 device: str = "cpu", raise_if_stopped=lambda: None) -> Path:
+    """Build into a temp folder in the repository root; manifest written last, then renamed into place.
+
+    `raise_if_stopped()` runs before the manifest is written, so a stop that was asked for is never
+    published as a finished engine.
+    """
     from llmserve.build.repository import MANIFEST, EngineRepository, new_manifest
     from llmserve.build.target import current_target, library_versions
     from llmserve.checkpoint.atomic_dir import staged_dir
@@ -166,6 +170,7 @@ def build_engine(checkpoint_dir: str | Path, profile: BuildProfile, repo_root: s
     # and `EngineRepository.list` never sees a half-built engine.
     with staged_dir(final, staging_root=repo.root, prefix=staging_prefix(final.name, os.getpid())) as staging:
         _run_backend(checkpoint_dir, profile, staging)
+        raise_if_stopped()
         manifest = new_manifest(checkpoint_dir, digest, profile, target, library_versions(),
                                 datetime.now(timezone.utc).isoformat(timespec="seconds"), time.monotonic() - start)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -187,27 +192,43 @@ def _report(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def _interrupt_on_signals() -> None:
+class StopSignal:
     """SIGTERM (the parent stopping the build) and SIGINT raise KeyboardInterrupt once; later ones are
-    ignored, so the clean-up of the temporary folder runs to its end."""
+    ignored, so the clean-up of the temporary folder runs to its end.
 
-    def interrupt(signum, frame):
+    A KeyboardInterrupt raised while an extension module is being imported can be swallowed by its C
+    code (seen: a build finished 8 s after its SIGTERM), so the signal is also remembered and
+    `raise_if_stopped` raises again before anything is published.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._interrupt)
+
+    def raise_if_stopped(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def _interrupt(self, signum, frame):
+        self.received = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
-
 
 def main(argv: list[str] | None = None) -> int:
-    _interrupt_on_signals()
+    stop = StopSignal()
+    stop.install()
     parser = argparse.ArgumentParser(description="llmserve engine build worker (internal)")
     parser.add_argument("--json-args", required=True)
     spec = json.loads(parser.parse_args(argv).json_args)
     try:
         profile = (profile_from_dict(spec["profile"]) if "profile" in spec else load_profile(spec["profile_path"]))
-        engine_dir = build_engine(spec["checkpoint_dir"], profile, spec["repo_root"], spec.get("device", "cpu"))
+        engine_dir = build_engine(spec["checkpoint_dir"], profile, spec["repo_root"], spec.get("device", "cpu"),
+                                  stop.raise_if_stopped)
     except KeyboardInterrupt:
         _report({"ok": False, "error": INTERRUPTED})
         return 130
