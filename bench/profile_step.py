@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu  # noqa: E402  (bench/gpu.py: model shapes, engine factory, workloads)
 
-from llmserve.engine import model_runner  # noqa: E402
+from llmserve.worker import model_runner  # noqa: E402
 from llmserve.sampling_params import SamplingParams  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)

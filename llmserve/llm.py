@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
-from llmserve.engine.chat_template import encode_chat
+from llmserve.frontend.chat_template import encode_chat
 from llmserve.engine.engine import Engine
-from llmserve.engine.model_runner import SampledToken
+from llmserve.worker.model_runner import SampledToken
 from llmserve.sampling_params import SamplingParams
 
 

@@ -56,8 +56,8 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
 
 def prefill_hidden(engine, tokens: list[int]) -> torch.Tensor:
     """Final hidden states [T, E] of one prompt, run as a single prefill step of `engine`."""
-    from llmserve.engine.scheduler import SchedulerOutput
-    from llmserve.engine.sequence import Sequence
+    from llmserve.core.scheduler import SchedulerOutput
+    from llmserve.core.sequence import Sequence
     from llmserve.sampling_params import SamplingParams
 
     seq = Sequence("prefill", tokens, SamplingParams(), max_output_tokens=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.engine.sequence import PLACEHOLDER
+from llmserve.core.sequence import PLACEHOLDER
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_engine
 from tests.test_model_parity import hf_greedy, random_prompts, run_staggered
@@ -17,9 +17,9 @@ def both(hf_model, **kw):
 
 
 def assert_drained(engine) -> None:
-    assert not engine.has_unfinished_requests() and engine._in_flight is None
+    assert not engine.has_unfinished_requests() and engine.core._in_flight is None
     assert engine.kv.num_used_blocks == 0, "blocks leaked"
-    assert not engine.requests
+    assert not engine.requests and not engine.core.requests
 
 
 @pytest.mark.parametrize("kw", [dict(num_blocks=128), dict(num_blocks=128, max_num_batched_tokens=7),
@@ -82,7 +82,7 @@ def test_abort_while_a_step_is_in_flight_frees_everything(tiny_hf_llama):
     for _ in range(3):
         for out in overlapped.step():
             tokens[out.request_id].extend(out.new_token_ids)
-    assert overlapped._in_flight is not None
+    assert overlapped.core._in_flight is not None
     overlapped.abort_request("r1")
     while overlapped.has_unfinished_requests():
         for out in overlapped.step():

@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmserve.engine.block_tables import BlockTableRows
-from llmserve.engine.sequence import Sequence, SequenceStatus
+from llmserve.worker.block_tables import BlockTableRows
+from llmserve.core.sequence import Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
 

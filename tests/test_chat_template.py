@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from llmserve.engine.chat_template import ChatTemplateError, encode_chat
+from llmserve.frontend.chat_template import ChatTemplateError, encode_chat
 from llmserve.llm import LLM
 from tests.server_helpers import make_tiny_engine
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmserve.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from llmserve.frontend.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from tests.helpers_tokenizer import smollm2_tokenizer, tiny_byte_level_tokenizer
 
 TOKENIZER = tiny_byte_level_tokenizer()

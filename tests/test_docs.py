@@ -51,7 +51,7 @@ def test_link_checker_flags_each_kind_of_bad_link():
     assert link_problem(source, "architecture.md#the-step-contract") is None
     assert link_problem(source, "../README.md") is None
     assert code_path_problem(REPO / "README.md", "llmserve/engine/no_such.py") is not None
-    assert code_path_problem(REPO / "README.md", "llmserve/engine/kv_cache.py") is None
+    assert code_path_problem(REPO / "README.md", "llmserve/core/kv_cache.py") is None
     bad = "See [design](../shared/DESIGN.md) and `/work/notes.md`.\n```bash\ncat ../shared/x\n```\n"
     assert len([why for pattern, why in FORBIDDEN for _ in pattern.finditer(bad)]) == 3
 

@@ -9,7 +9,7 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.checkpoint.names import hf_to_trtllm_single_rank
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from llmserve.engine.engine import Engine
-from llmserve.engine.model_runner import kv_bytes_per_block, kv_cache_dtype
+from llmserve.worker.model_runner import kv_bytes_per_block, kv_cache_dtype
 from llmserve.models.loader import build_model
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_hf_llama

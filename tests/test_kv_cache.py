@@ -2,8 +2,8 @@
 
 import pytest
 
-from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.sequence import Sequence
+from llmserve.core.kv_cache import KVCacheManager
+from llmserve.core.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
 
 

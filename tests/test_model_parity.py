@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmserve.engine.model_runner import ModelRunner
-from llmserve.engine.scheduler import SchedulerOutput
-from llmserve.engine.sequence import Sequence
+from llmserve.worker.model_runner import ModelRunner
+from llmserve.core.scheduler import SchedulerOutput
+from llmserve.core.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_engine, make_hf_llama, prefill_hidden
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llmserve.engine.sampler import Sampler, apply_penalties
-from llmserve.engine.sequence import Sequence
+from llmserve.worker.sampler import Sampler, apply_penalties
+from llmserve.core.sequence import Sequence
 from llmserve.ops.exponential_noise import exponential_noise
 from llmserve.sampling_params import SamplingParams
 

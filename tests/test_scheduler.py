@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from llmserve.config import SchedulerConfig
-from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.scheduler import Scheduler
-from llmserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from llmserve.core.kv_cache import KVCacheManager
+from llmserve.core.scheduler import Scheduler
+from llmserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
 EOS = 0

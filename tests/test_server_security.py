@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from llmserve.cli import build_parser
-from llmserve.engine.chat_template import encode_chat
+from llmserve.frontend.chat_template import encode_chat
 from llmserve.server.cli import server_config_from_args
 from llmserve.server.hosts import allowed_host_names, host_allowed, host_name
 from tests.server_helpers import make_tiny_engine, start_server

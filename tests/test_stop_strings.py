@@ -7,7 +7,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmserve.engine.stop_strings import StopMatcher
+from llmserve.frontend.stop_strings import StopMatcher
 
 stops_strategy = st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1, max_size=4)
 chunks_strategy = st.lists(st.text(alphabet="abcd", max_size=5), max_size=12)

@@ -72,7 +72,7 @@ class RequestStream:
     """Per-request state: turns TensorRT-LLM responses (new tokens only) into RequestOutputs."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer):
-        from llmserve.engine.detokenizer import IncrementalDetokenizer
+        from llmserve.frontend.detokenizer import IncrementalDetokenizer
 
         self.request_id = request_id
         self.stop_token_ids = set(params.stop_token_ids)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from llmserve.engine.engine import Engine, RequestOutput
-from llmserve.engine.sequence import SequenceStatus
+from llmserve.core.sequence import SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -183,10 +183,9 @@ class AsyncEngine:
                     f"(the server is overloaded); retry later"))
 
     def _never_scheduled(self, request_id: str) -> bool:
-        request = self.engine.requests.get(request_id)
-        if request is None or request_id not in self._queues:
+        seq = self.engine.core.requests.get(request_id)
+        if seq is None or request_id not in self._queues:
             return False
-        seq = request.seq
         return seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0 and seq.num_preemptions == 0
 
     def _fail_all(self, exc: Exception) -> None:

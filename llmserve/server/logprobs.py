@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from llmserve.engine.model_runner import SampledToken
+from llmserve.worker.model_runner import SampledToken
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 Range checks of sampling values live in SamplingParams; this module checks JSON types,
 OpenAI-only fields, and turns SamplingParams' ValueError into a 400 naming the field.
 
-Special tokens: text in chat messages never becomes a control token (engine/chat_template.py),
+Special tokens: text in chat messages never becomes a control token (frontend/chat_template.py),
 so a message cannot open a turn of another role. A /v1/completions text prompt is encoded as
 written, special-token text included (as vLLM does): its author owns the whole prompt and may
 write a chat template by hand; a server that lets others fill in a completions prompt must
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmserve.engine.chat_template import ChatTemplateError, encode_chat
+from llmserve.frontend.chat_template import ChatTemplateError, encode_chat
 from llmserve.sampling_params import SamplingParams
 from llmserve.server.errors import bad_request
 from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number, get_object, get_str,

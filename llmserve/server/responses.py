@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmserve.engine.engine import RequestOutput
-from llmserve.engine.model_runner import SampledToken
+from llmserve.worker.model_runner import SampledToken
 from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs
 
 

@@ -12,7 +12,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from llmserve.engine.sequence import Sequence
+from llmserve.core.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmserve.engine.sequence import Sequence
+from llmserve.core.sequence import Sequence
 
 
 class BlockTableRows:

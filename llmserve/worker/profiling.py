@@ -6,9 +6,9 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, EngineConfig
-from llmserve.engine.model_runner import ModelRunner
-from llmserve.engine.scheduler import SchedulerOutput
-from llmserve.engine.sequence import Sequence
+from llmserve.worker.model_runner import ModelRunner
+from llmserve.core.scheduler import SchedulerOutput
+from llmserve.core.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
 
 

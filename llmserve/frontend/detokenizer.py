@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llmserve.engine.stop_strings import StopMatcher
+from llmserve.frontend.stop_strings import StopMatcher
 
 REPLACEMENT_CHAR = "\ufffd"
 # prompt tokens decoded in front of the first output token, so that tokenizers which

@@ -16,10 +16,10 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
-from llmserve.engine.block_tables import BlockTableRows
-from llmserve.engine.sampler import Sampler
-from llmserve.engine.scheduler import SchedulerOutput
-from llmserve.engine.sequence import PLACEHOLDER, Sequence
+from llmserve.worker.block_tables import BlockTableRows
+from llmserve.worker.sampler import Sampler
+from llmserve.core.scheduler import SchedulerOutput
+from llmserve.core.sequence import PLACEHOLDER, Sequence
 from llmserve.ops.attention import AttentionMetadata
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,7 +91,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(num_rows=2 * max(max_num_seqs, 32))
         self.graphs = None
         if self.device.type == "cuda" and not device_config.enforce_eager and max_num_seqs:
-            from llmserve.engine.cuda_graphs import DecodeGraphs
+            from llmserve.worker.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
                                        scratch_block=num_blocks, block_size=self.block_size)

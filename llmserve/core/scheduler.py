@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmserve.config import SchedulerConfig
-from llmserve.engine.kv_cache import KVCacheManager
-from llmserve.engine.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
+from llmserve.core.kv_cache import KVCacheManager
+from llmserve.core.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

@@ -1,0 +1,209 @@
+"""The engine core: scheduler, KV block pool and model runner, one step at a time, token ids only.
+
+Requests come in as `EngineCoreRequest`s and leave as `EngineCoreOutputs` (one per step, every
+request's new token ids and finish reasons); no text, no tokenizer. The same object runs inside
+the API process (the offline `LLM`, tests) and alone in the engine-core process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.config import EngineConfig
+from llmserve.core.kv_cache import KVCacheManager
+from llmserve.core.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, ModelInfo,
+                                    SchedulerStats, TokenLogprobs)
+from llmserve.core.scheduler import Scheduler
+from llmserve.core.sequence import FinishReason, Sequence
+from llmserve.sampling_params import SamplingParams
+from llmserve.worker.model_runner import LaunchedStep, ModelRunner, SampledToken, kv_bytes_per_block, kv_cache_dtype
+
+logger = logging.getLogger(__name__)
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+class EngineCore:
+    """Owns scheduler, KV cache manager and model runner; not thread-safe."""
+
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, config: EngineConfig,
+                 num_blocks: int | None = None, tokenizer_path: str | None = None):
+        self.model_config = model_config
+        self.config = config
+        num_blocks = num_blocks or self._num_blocks_from_budget(model)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.max_model_len = min(config.scheduler.max_model_len, model_config.max_position_embeddings,
+                                 num_blocks * config.cache.block_size)
+        self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks,
+                                  self.max_model_len, config.scheduler.max_num_seqs)
+        self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
+        async_scheduling = config.scheduler.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._in_flight: tuple[LaunchedStep, list] | None = None
+        self.requests: dict[str, Sequence] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self.num_steps = 0
+        self.info = self._model_info(num_blocks, tokenizer_path)
+        logger.info("KV cache: %d blocks of %d tokens (max %d tokens); max_model_len %d",
+                    num_blocks, config.cache.block_size, num_blocks * config.cache.block_size, self.max_model_len)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress=print) -> "EngineCore":
+        """Resolve the model (pulling the default one if needed) and load it; the tokenizer stays with
+        the client, which finds it at `info.tokenizer_path`."""
+        from llmserve.checkpoint.pull import resolve_model
+        from llmserve.models.loader import load_model
+
+        path = resolve_model(config.model, progress=progress)
+        torch.manual_seed(config.seed)
+        model_config, model = load_model(path, config.device.device, config.device.dtype,
+                                         config.device.quantization)
+        return cls(model, model_config, config, tokenizer_path=str(path))
+
+    def _num_blocks_from_budget(self, model) -> int:
+        cache = self.config.cache
+        if cache.num_blocks:
+            return cache.num_blocks
+        per_block = kv_bytes_per_block(self.model_config, cache.block_size, kv_cache_dtype(cache, self.config.device))
+        budget = cache.kv_cache_memory_bytes or self._default_kv_budget(model)
+        return max(budget // per_block, 1)
+
+    def _default_kv_budget(self, model) -> int:
+        if not self.config.device.device.startswith("cuda"):
+            return DEFAULT_CPU_KV_BYTES
+        from llmserve.worker.profiling import cuda_kv_budget
+
+        return cuda_kv_budget(model, self.model_config, self.config)
+
+    def _model_info(self, num_blocks: int, tokenizer_path: str | None) -> ModelInfo:
+        device, cache = self.config.device, self.config.cache
+        return ModelInfo(
+            vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
+            eos_token_ids=list(self.model_config.eos_token_id), device=device.device, dtype=device.dtype,
+            quantization=device.quantization, kv_cache_dtype=str(kv_cache_dtype(cache, device)).replace("torch.", ""),
+            num_kv_blocks=num_blocks, block_size=cache.block_size,
+            max_num_seqs=self.config.scheduler.max_num_seqs, tokenizer_path=tokenizer_path)
+
+    # ---- requests -------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError when the request can never run (see `check_request`)."""
+        check_request(self.info, prompt_token_ids, params)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        prompt = request.prompt_token_ids
+        self.check_request(prompt, request.params)
+        room = self.max_model_len - len(prompt)
+        seq = Sequence(request.request_id, list(prompt), request.params,
+                       max_output_tokens=min(request.params.max_tokens or room, room))
+        self.scheduler.add(seq)
+        self.requests[request.request_id] = seq
+        self.num_prompt_tokens_total += len(prompt)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """End these requests now and free their blocks; unknown or ended ids are ignored."""
+        for request_id in request_ids:
+            seq = self.requests.pop(request_id, None)
+            if seq is not None:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=kv.num_blocks, kv_blocks_used=kv.num_used_blocks, kv_blocks_cached=kv.num_cached_blocks,
+            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generation_tokens_total=self.num_generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions, num_steps=self.num_steps)
+
+    # ---- the step -----------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        """Run one scheduling step; the new tokens of every request that progressed.
+
+        With async scheduling the tokens are those of the previous step: this step is queued
+        on the device first, so the host's work overlaps the device's.
+        """
+        self.num_steps += 1
+        if self.async_scheduling:
+            outputs = self._step_overlapped()
+        else:
+            out = self.scheduler.schedule()
+            outputs = []
+            if not out.is_empty:
+                sampled = self.runner.execute(out)
+                self.scheduler.update(out, [s.token_id for s in sampled])
+                outputs = self._outputs(out, sampled)
+        return EngineCoreOutputs(outputs, self.stats(), time.time())
+
+    def _step_overlapped(self) -> list[EngineCoreOutput]:
+        if self._in_flight is not None and self._needs_output_ids():
+            return self._finish_in_flight()  # penalties read the previous ids: no overlap
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return self._finish_in_flight()
+        previous = self._in_flight[0] if self._in_flight is not None else None
+        launched = self.runner.launch(out, previous)
+        pending = self.scheduler.advance(out)
+        outputs = self._finish_in_flight()  # waits for the previous step while this one runs
+        self._in_flight = (launched, pending)
+        return outputs
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        if self._in_flight is None:
+            return []
+        (launched, pending), self._in_flight = self._in_flight, None
+        sampled = self.runner.collect(launched)
+        self.scheduler.resolve(launched.out, pending, [s.token_id for s in sampled])
+        return self._outputs(launched.out, sampled)
+
+    def _needs_output_ids(self) -> bool:
+        return any(seq.params.uses_output_ids for seq in self.scheduler.running)
+
+    def _outputs(self, out, sampled: list[SampledToken]) -> list[EngineCoreOutput]:
+        samples = iter(sampled)
+        outputs = []
+        for i, seq in enumerate(out.seqs):
+            if not out.samples(i):
+                continue
+            token = next(samples)
+            if self.requests.get(seq.request_id) is seq:  # not ended while the step ran
+                outputs.append(self._output(seq, token))
+        return outputs
+
+    def _output(self, seq: Sequence, token: SampledToken) -> EngineCoreOutput:
+        self.num_generation_tokens_total += 1
+        finish_reason = stop_reason = None
+        if seq.is_finished:
+            del self.requests[seq.request_id]
+            finish_reason = seq.finish_reason.value
+            if seq.finish_reason is FinishReason.STOP:
+                stop_reason = token.token_id
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [TokenLogprobs(token.logprob, list(token.top_logprobs or []))]
+        return EngineCoreOutput(seq.request_id, [token.token_id], logprobs, finish_reason, stop_reason,
+                                seq.num_cached_tokens)
+
+
+def check_request(info: ModelInfo, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """Raise ValueError when the request can never run (empty or too long a prompt, ids out of range);
+    needs only the engine's `ModelInfo`, so clients check before sending."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    vocab = info.vocab_size
+    if any(t < 0 or t >= vocab for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+    if bad_stops:
+        raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops}")
+    if len(prompt_token_ids) >= info.max_model_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length is "
+            f"{info.max_model_len} (prompt plus at least one generated token)")
