@@ -1,10 +1,11 @@
 """Where one engine step's time goes: per-phase wall time over a decode-heavy run (CUDA).
 
 Usage: python bench/profile_step.py --model llama-1b --num-requests 256 --output-len 64
-Phases: schedule, prepare_inputs (host tensors + copies), forward (launch; CUDA graph
-replay when eligible), logits + sample (device), to-host (the one sync: waits for the GPU),
-advance/resolve (scheduler bookkeeping), outputs (per-request deltas). With async
-scheduling (the CUDA default) to-host is the time the host waits for the device.
+Phases: schedule (the plain-data SchedulerOutput), prepare_inputs (the runner's request
+states, host tensors + copies), forward (launch; CUDA graph replay when eligible), logits +
+sample (device), to-host (the one sync: waits for the GPU), advance/resolve (scheduler
+bookkeeping), core outputs (EngineCoreOutputs), detokenize (the output processor's deltas).
+With async scheduling (the CUDA default) to-host is the time the host waits for the device.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def instrument(engine, sync: bool) -> None:
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, sync)
     model_runner._finish_copy = timed("to_host", model_runner._finish_copy)
-    engine._process_token = timed("outputs", engine._process_token)
+    engine.core._outputs = timed("core_outputs", engine.core._outputs)
+    engine.processor.process = timed("detokenize", engine.processor.process)
 
 
 def main() -> None:

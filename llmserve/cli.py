@@ -65,6 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="CUDA: fp8 (e4m3) keys and values, half the KV bytes (default: the model dtype)")
     parser.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="run throwaway requests at start-up so Triton kernels compile before the first "
+                             "request (default: on CUDA only)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule and launch step N+1 before step N's tokens reach the host "
                              "(default: on for CUDA, off for CPU)")
@@ -80,7 +83,7 @@ def engine_config_from_args(args: argparse.Namespace):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     kv_bytes = int(args.kv_cache_memory * (1 << 30)) if args.kv_cache_memory else None
     return EngineConfig(
-        model=args.model, seed=args.seed,
+        model=args.model, seed=args.seed, warmup=args.warmup,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_memory_bytes=kv_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
                           enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype),

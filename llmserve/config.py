@@ -76,6 +76,10 @@ class EngineConfig:
     scheduler: SchedulerConfig | None = None
     device: DeviceConfig | None = None
     seed: int = 0
+    # the server runs the engine core in its own process; True keeps it in the API process (debugging)
+    engine_in_process: bool = False
+    # throwaway requests at start-up, so Triton compiles before the first request; None: on CUDA only
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         self.cache = self.cache or CacheConfig()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from llmserve.frontend.chat_template import encode_chat
 from llmserve.engine.engine import Engine
-from llmserve.worker.model_runner import SampledToken
+from llmserve.core.sampled_token import SampledToken
 from llmserve.sampling_params import SamplingParams
 
 

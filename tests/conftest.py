@@ -56,16 +56,16 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
 
 def prefill_hidden(engine, tokens: list[int]) -> torch.Tensor:
     """Final hidden states [T, E] of one prompt, run as a single prefill step of `engine`."""
-    from llmserve.core.scheduler import SchedulerOutput
+    from llmserve.core.scheduler_output import single_prefill
     from llmserve.core.sequence import Sequence
     from llmserve.sampling_params import SamplingParams
 
     seq = Sequence("prefill", tokens, SamplingParams(), max_output_tokens=1)
     engine.kv.allocate_slots(seq, len(tokens))
-    step = SchedulerOutput()
-    step.add(seq, len(tokens))
-    batch = engine.runner.prepare_inputs(step)
+    step = single_prefill("prefill", tokens, SamplingParams(), seq.block_table)
+    step.finished_request_ids.append("prefill")  # the runner forgets an earlier call's request of that name
     runner = engine.runner
+    batch = runner.prepare_inputs(step)
     with torch.no_grad():
         return runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
 

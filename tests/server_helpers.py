@@ -7,6 +7,8 @@ sync `openai` client, the async one and raw aiohttp alike.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,10 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
-from llmserve.engine.async_engine import AsyncEngine
+from llmserve.engine.engine_core import EngineCore
+from llmserve.frontend.async_llm import AsyncLLM
+from llmserve.frontend.inproc_core_client import InprocCoreClient
+from llmserve.frontend.mp_core_client import MPCoreClient
 from llmserve.server.app import create_app, runner_kwargs
 from llmserve.server.config import ServerConfig
 from llmserve.server.lifecycle import graceful_shutdown
@@ -33,6 +38,23 @@ def smollm2_tokenizer_or_none():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+
+
+# Where test servers run their engine core: "process" (as `llmserve serve` does: the model is sent to an
+# engine-core process of its own) or "inproc" (in the test's process: white-box tests, debugging).
+CORE_MODE = os.environ.get("LLMSERVE_TEST_CORE", "process")
+
+
+def engine_client(engine, core_mode: str = CORE_MODE) -> AsyncLLM:
+    """The engine client a server uses for a synchronous test Engine: AsyncLLM over an engine core holding the
+    same model and configuration, in a process of its own or (core_mode "inproc") the Engine's own core."""
+    if core_mode == "inproc":
+        return AsyncLLM(InprocCoreClient(engine.core), engine.tokenizer)
+    assert core_mode == "process", f"unknown LLMSERVE_TEST_CORE {core_mode!r}"
+    core = engine.core
+    build = functools.partial(EngineCore, core.runner.model, core.model_config, core.config, core.kv.num_blocks,
+                              core.info.tokenizer_path)
+    return AsyncLLM(MPCoreClient(build=build), engine.tokenizer)
 
 
 def make_tiny_engine(tokenizer, *, seed: int = 0, num_blocks: int = 256, block_size: int = 16, **overrides):
@@ -84,6 +106,7 @@ class ServerThread:
     config: ServerConfig = field(default_factory=lambda: ServerConfig(port=0))
     building: dict = field(default_factory=dict)  # served name -> EngineBuild (create_app's `building`)
     extra_models: dict = field(default_factory=dict)  # served name -> synchronous Engine, served beside `engine`
+    core_mode: str = CORE_MODE  # "inproc": white-box tests that read `engine`'s pool after the server stopped
     base_url: str = ""
     loop: asyncio.AbstractEventLoop | None = None
     app: web.Application | None = None
@@ -106,8 +129,8 @@ class ServerThread:
         self.loop.close()
 
     async def _start_site(self) -> None:
-        engine = None if self.engine is None else AsyncEngine(self.engine)
-        extra = {name: AsyncEngine(e) for name, e in self.extra_models.items()}
+        engine = None if self.engine is None else engine_client(self.engine, self.core_mode)
+        extra = {name: engine_client(e, self.core_mode) for name, e in self.extra_models.items()}
         self.app = create_app(self.config, engine, extra_models=extra, building=self.building)
         self._runner = web.AppRunner(self.app, **runner_kwargs(self.config))
         await self._runner.setup()
@@ -137,8 +160,8 @@ class ServerThread:
         return self.base_url + "/v1"
 
 
-def start_server(engine, **config_fields) -> ServerThread:
-    return ServerThread(engine, ServerConfig(port=0, **config_fields)).start()
+def start_server(engine, core_mode: str = CORE_MODE, **config_fields) -> ServerThread:
+    return ServerThread(engine, ServerConfig(port=0, **config_fields), core_mode=core_mode).start()
 
 
 def metric_values(text: str) -> dict[str, float]:

@@ -20,6 +20,8 @@ def assert_drained(engine) -> None:
     assert not engine.has_unfinished_requests() and engine.core._in_flight is None
     assert engine.kv.num_used_blocks == 0, "blocks leaked"
     assert not engine.requests and not engine.core.requests
+    engine.step()  # the last finished ids reach the runner with the next step
+    assert len(engine.runner.requests) == 0, "the runner kept state of ended requests"
 
 
 @pytest.mark.parametrize("kw", [dict(num_blocks=128), dict(num_blocks=128, max_num_batched_tokens=7),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmserve.worker.model_runner import ModelRunner
-from llmserve.core.scheduler import SchedulerOutput
 from llmserve.core.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_engine, make_hf_llama, prefill_hidden
@@ -57,21 +55,16 @@ CONFIGS = {
 def test_mixed_prefill_decode_step_logits_match_hf(name):
     hf_model = make_hf_llama(**CONFIGS[name])
     engine = make_engine(hf_model, num_blocks=32, block_size=4)
-    runner: ModelRunner = engine.runner
+    scheduler, runner = engine.scheduler, engine.runner
     a = Sequence("a", random_prompts(1, 256, seed=2)[0][:9], SamplingParams(), max_output_tokens=4)
     b = Sequence("b", random_prompts(1, 256, seed=3)[0][:13], SamplingParams(), max_output_tokens=4)
-    # step 1: a's whole prompt; step 2: a decodes one token while b prefills a chunk
-    first = SchedulerOutput()
-    first.add(a, 9)
-    engine.kv.allocate_slots(a, 9)
-    runner.execute(first)
-    a.num_computed_tokens = 9
-    a.output_token_ids.append(17)
-    engine.kv.allocate_slots(a, 1)
-    engine.kv.allocate_slots(b, 13)
-    step = SchedulerOutput()
-    step.add(b, 13)
-    step.add(a, 1)
+    # step 1: a's whole prompt; step 2: a decodes its first output while b prefills
+    scheduler.add(a)
+    first = scheduler.schedule()
+    scheduler.update(first, runner.execute(first))
+    scheduler.add(b)
+    step = scheduler.schedule()
+    assert step.num_scheduled_tokens == {"a": 1, "b": 13}
     batch = runner.prepare_inputs(step)
     with torch.no_grad():
         hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)

@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from llmserve.worker.sampler import Sampler, apply_penalties
-from llmserve.core.sequence import Sequence
 from llmserve.ops.exponential_noise import exponential_noise
 from llmserve.sampling_params import SamplingParams
+from llmserve.worker.request_state import RequestState
+from llmserve.worker.sampler import Sampler, apply_penalties
 
 V = 50
 
 
-def make_row(prompt=(1, 2, 3), output=(), **params) -> Sequence:
-    """A real engine Sequence."""
-    return Sequence("r", list(prompt), SamplingParams(**params), output_token_ids=list(output))
+def make_row(prompt=(1, 2, 3), output=(), **params) -> RequestState:
+    """The runner's real per-request state, as the sampler gets it."""
+    return RequestState("r", list(prompt), list(output), SamplingParams(**params), block_ids=[], num_computed_tokens=0)
 
 
 def random_logits(rows: int, vocab: int = V, seed: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from llmserve.config import SchedulerConfig
 from llmserve.core.kv_cache import KVCacheManager
 from llmserve.core.scheduler import Scheduler
+from llmserve.core.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llmserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
@@ -24,34 +25,55 @@ def make_seq(request_id: str, prompt_len: int, max_tokens: int = 4, first_token:
     return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens), max_output_tokens=max_tokens)
 
 
+def fake_model_output(out: SchedulerOutput, token: int) -> ModelRunnerOutput:
+    """What a model sampling `token` for every request that samples would return."""
+    request_ids = [r for r in reversed(out.num_scheduled_tokens) if r in out.sampling_request_ids]
+    return ModelRunnerOutput(request_ids, [token] * len(request_ids))  # any row order will do
+
+
 def run_step(scheduler: Scheduler, token: int = 7):
-    """One step with a fake model that samples `token` for every sampling sequence."""
+    """One step with a fake model; returns the SchedulerOutput and the sequences that finished."""
     out = scheduler.schedule()
-    num_sampled = sum(out.samples(i) for i in range(len(out.seqs)))
-    finished = scheduler.update(out, [token] * num_sampled)
-    return out, finished
+    updated = scheduler.update(out, fake_model_output(out, token))
+    return out, [seq for seq, _ in updated if seq.is_finished]
+
+
+def new_request(seq: Sequence, block_ids: list[int], outputs=(), num_computed: int = 0) -> NewRequestData:
+    return NewRequestData(seq.request_id, seq.prompt_token_ids, list(outputs), seq.params, block_ids, num_computed)
+
+
+def test_first_step_sends_new_requests_whole():
+    sched = make_scheduler()
+    a = make_seq("a", 5)
+    sched.add(a)
+    out, _ = run_step(sched)
+    assert out == SchedulerOutput(new_requests=[new_request(a, [0, 1])], num_scheduled_tokens={"a": 5},
+                                  sampling_request_ids={"a"})
 
 
 def test_new_request_joins_running_batch_next_step():
     sched = make_scheduler()
     sched.add(make_seq("a", 5))
+    run_step(sched)
+    b = make_seq("b", 3, first_token=40)
+    sched.add(b)
     out, _ = run_step(sched)
-    assert [s.request_id for s in out.seqs] == ["a"] and out.num_scheduled_tokens == [5]
-    sched.add(make_seq("b", 3))
-    out, _ = run_step(sched)
-    assert [s.request_id for s in out.seqs] == ["a", "b"]
-    assert out.num_scheduled_tokens == [1, 3]  # a decodes while b prefills
+    # a decodes position 5, still in its second block: no new block ids; b prefills
+    assert out.cached_requests == CachedRequestData(["a"], [[]], [5])
+    assert out.new_requests == [new_request(b, [2])]
+    assert out.num_scheduled_tokens == {"a": 1, "b": 3} and out.sampling_request_ids == {"a", "b"}
 
 
 def test_chunked_prefill_respects_token_budget():
     sched = make_scheduler(max_num_batched_tokens=4)
     seq = make_seq("a", 10)
     sched.add(seq)
-    chunks = []
-    while not seq.output_token_ids:
-        out, _ = run_step(sched)
-        chunks.append(out.num_scheduled_tokens[0])
-    assert chunks == [4, 4, 2]
+    outs = [run_step(sched)[0] for _ in range(3)]
+    assert [o.num_scheduled_tokens for o in outs] == [{"a": 4}, {"a": 4}, {"a": 2}]
+    assert outs[0].new_requests == [new_request(seq, [0])]
+    assert [o.cached_requests for o in outs[1:]] == [CachedRequestData(["a"], [[1]], [4]),
+                                                     CachedRequestData(["a"], [[2]], [8])]
+    assert [o.sampling_request_ids for o in outs] == [set(), set(), {"a"}]  # only the last chunk samples
     assert seq.num_computed_tokens == 10 and seq.output_token_ids == [7]
 
 
@@ -60,28 +82,29 @@ def test_max_num_seqs_limits_admission():
     for name in "abc":
         sched.add(make_seq(name, 2))
     out, _ = run_step(sched)
-    assert [s.request_id for s in out.seqs] == ["a", "b"]
+    assert [r.request_id for r in out.new_requests] == ["a", "b"]
     assert [s.request_id for s in sched.waiting] == ["c"]
 
 
 def test_decode_oom_preempts_newest():
     sched = make_scheduler(num_blocks=4, block_size=4)
-    a, b = make_seq("a", 7, max_tokens=8), make_seq("b", 7, max_tokens=8)
+    a, b = make_seq("a", 7, max_tokens=8), make_seq("b", 7, max_tokens=8, first_token=50)
     sched.add(a)
     sched.add(b)
     run_step(sched)  # both prefill: 2 blocks each, pool full; both sample token 8 of 8 slots
     assert a.block_table == [0, 1] and b.block_table == [2, 3]
     out, _ = run_step(sched)  # a and b decode position 7: still in their second block
-    assert out.num_scheduled_tokens == [1, 1]
+    assert out.cached_requests == CachedRequestData(["a", "b"], [[], []], [7, 7])
     out, _ = run_step(sched)  # a needs a third block: b (newest) is preempted
-    assert [s.request_id for s in out.preempted] == ["b"]
-    assert [s.request_id for s in out.seqs] == ["a"]
+    assert out.preempted_request_ids == ["b"] and out.new_requests == []
+    # b's blocks were freed tail first and are hashed (kept as cache): a takes b's tail block, 3
+    assert out.cached_requests == CachedRequestData(["a"], [[3]], [8]) and out.num_scheduled_tokens == {"a": 1}
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert list(sched.waiting) == [b] and b.output_token_ids == [7, 7]
-    assert a.block_table == [0, 1, 2]
+    assert a.block_table == [0, 1, 3]
 
 
-def test_preempted_sequence_resumes_with_its_outputs():
+def test_preempted_request_resumes_as_new_with_its_outputs():
     sched = make_scheduler(num_blocks=4, block_size=4)
     a, b = make_seq("a", 7, max_tokens=3), make_seq("b", 7, max_tokens=8, first_token=50)
     sched.add(a)
@@ -92,9 +115,26 @@ def test_preempted_sequence_resumes_with_its_outputs():
     while a.status is not SequenceStatus.FINISHED:
         run_step(sched)
     out, _ = run_step(sched)  # b recomputes prompt + its 2 outputs, then samples its 3rd
-    # its first block survived in the prefix cache (a took b's tail block), so 9 - 4 run
-    assert out.seqs == [b] and out.num_scheduled_tokens == [5]
+    # its first block (2) survived in the prefix cache, so 9 - 4 tokens run; then a's unhashed tail
+    # block (3, at the front of the free queue) and the least recently used cached block (1)
+    assert out.new_requests == [new_request(b, [2, 3, 1], outputs=[7, 7], num_computed=4)]
+    assert out.cached_requests == CachedRequestData() and out.finished_request_ids == ["a"]
+    assert out.num_scheduled_tokens == {"b": 5} and out.sampling_request_ids == {"b"}
     assert b.output_token_ids == [7, 7, 7]
+
+
+def test_finished_ids_reach_the_next_schedule_once():
+    sched = make_scheduler(max_num_seqs=1)
+    sched.add(make_seq("a", 3, max_tokens=5))
+    sched.add(make_seq("b", 3))
+    _, finished = run_step(sched, token=EOS)
+    assert [s.request_id for s in finished] == ["a"]
+    sched.add(make_seq("c", 3))
+    sched.abort("c")  # never scheduled: the runner ignores the id
+    out, _ = run_step(sched)
+    assert out.finished_request_ids == ["a", "c"] and list(out.num_scheduled_tokens) == ["b"]
+    out, _ = run_step(sched)
+    assert out.finished_request_ids == []
 
 
 def test_eos_and_max_tokens_finish_and_free():
@@ -111,6 +151,18 @@ def test_eos_and_max_tokens_finish_and_free():
     assert sched.kv.num_used_blocks == 0
 
 
+def test_update_skips_a_request_aborted_while_its_step_ran():
+    sched = make_scheduler()
+    a, b = make_seq("a", 3), make_seq("b", 3, first_token=20)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    advanced = sched.advance(out)
+    sched.abort("a")
+    updated = sched.resolve(advanced, ModelRunnerOutput(["b", "a"], [9, 8]))
+    assert updated == [(b, 0)] and b.output_token_ids == [9] and a.output_token_ids == []
+
+
 def test_abort_waiting_and_running_frees_blocks():
     sched = make_scheduler(max_num_seqs=1)
     sched.add(make_seq("a", 5))
@@ -124,12 +176,16 @@ def test_abort_waiting_and_running_frees_blocks():
 
 def test_repeated_prompt_reuses_cached_prefix():
     sched = make_scheduler(block_size=4)
-    sched.add(make_seq("a", 10, max_tokens=1))
+    a = make_seq("a", 10, max_tokens=1)
+    sched.add(a)
     run_step(sched)
     again = make_seq("b", 10, max_tokens=1)
     sched.add(again)
     out, _ = run_step(sched)
-    assert out.num_scheduled_tokens == [2]  # 8 of 10 tokens from the cache
+    # 8 of 10 tokens from the cache: a's first two blocks, shared; then a's unhashed tail block,
+    # which went to the front of the free queue
+    assert out.new_requests == [new_request(again, [0, 1, 2], num_computed=8)]
+    assert out.num_scheduled_tokens == {"b": 2}
     assert again.num_cached_tokens == 8 and sched.kv.prefix_hits == 8
 
 

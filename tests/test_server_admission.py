@@ -26,8 +26,8 @@ def server(tokenizer):
     server.stop()
 
 
-def _engine(server):
-    return server.app[MODELS].ready()[0].engine
+def _model(server):
+    return server.app[MODELS].ready()[0]
 
 
 class PeakSampler:
@@ -45,9 +45,9 @@ class PeakSampler:
         self._future.result(10)
 
     async def _sample(self) -> None:
-        engine = _engine(self.server)
+        model = _model(self.server)
         while not self._done.is_set():
-            self.peak = max(self.peak, engine.num_waiting_requests)
+            self.peak = max(self.peak, model.num_waiting)
             await asyncio.sleep(0)
 
 
@@ -85,7 +85,7 @@ async def test_burst_never_exceeds_max_waiting(server, burst):
     for headers, body in refused:
         assert headers["Retry-After"] == "1"
         assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "too_many_requests"
-    wait_until(lambda: _engine(server).num_waiting_requests == 0 and _engine(server).num_reserved == 0)
+    wait_until(lambda: _model(server).num_waiting == 0 and _model(server).num_reserved == 0)
 
 
 async def test_cancelled_clients_give_back_every_reserved_slot(server):
@@ -94,9 +94,8 @@ async def test_cancelled_clients_give_back_every_reserved_slot(server):
         results = await asyncio.gather(*(_chat(session, server.base_url) for _ in range(40)),
                                        return_exceptions=True)
     assert any(isinstance(r, asyncio.TimeoutError) for r in results)
-    engine = _engine(server)
-    wait_until(lambda: engine.num_reserved == 0 and engine.num_waiting_requests == 0
-               and engine.num_running_requests == 0)
+    model = _model(server)
+    wait_until(lambda: model.num_reserved == 0 and model.num_waiting == 0 and model.engine.stats().num_running == 0)
     async with aiohttp.ClientSession() as session:
         status, _, body = await _chat(session, server.base_url)
     assert status == 200 and body["choices"][0]["finish_reason"] == "length"

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.announce import banner_lines, client_url
 from llmserve.server.config import ServerConfig
 from llmserve.server.models import ModelRegistry
-from tests.server_helpers import make_tiny_engine
+from tests.server_helpers import engine_client, make_tiny_engine
 
 
 def test_banner_names_the_model_its_alias_device_and_kv_capacity(tokenizer):
     registry = ModelRegistry()
-    registry.add_ready("tiny", AsyncEngine(make_tiny_engine(tokenizer, num_blocks=256, block_size=16)))
+    registry.add_ready("tiny", engine_client(make_tiny_engine(tokenizer, num_blocks=256, block_size=16), "inproc"))
     registry.add_building("later", lambda: None)
     lines = banner_lines(ServerConfig(port=0), registry, 8123)
     assert len(lines) == 4
@@ -28,7 +27,7 @@ def test_banner_names_the_model_its_alias_device_and_kv_capacity(tokenizer):
 
 def test_a_model_served_as_default_has_no_alias_note(tokenizer):
     registry = ModelRegistry()
-    registry.add_ready("default", AsyncEngine(make_tiny_engine(tokenizer, num_blocks=16)))
+    registry.add_ready("default", engine_client(make_tiny_engine(tokenizer, num_blocks=16), "inproc"))
     assert banner_lines(ServerConfig(port=0), registry, 1)[1].startswith("model 'default': device cpu")
 
 

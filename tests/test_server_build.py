@@ -111,9 +111,9 @@ def test_background_build_is_503_then_200_while_another_model_serves(tokenizer, 
         server.stop()
     # now the repository has it: the same serve command loads it at once
     cli_app = app_from_args(_serve_args("--model", str(hf_dir), "--build-config", str(profile_file),
-                                        "--repo", str(repo), "--served-model-name", "built"))
+                                        "--repo", str(repo), "--served-model-name", "built", "--engine-in-process"))
     assert cli_app[MODELS].statuses() == {"built": "ready"}
-    assert cli_app[ENGINE].engine.config.scheduler.max_model_len == PROFILE.max_seq_len
+    assert cli_app[ENGINE].info.max_model_len == PROFILE.max_seq_len  # the core in this process: loaded already
     # `serve --engine` names the model after the manifest, and `default` still reaches it
     engine_app = app_from_args(_serve_args("--engine", EngineRepository(repo).list()[0]["engine_dir"]))
     assert engine_app[MODELS].statuses() == {"tiny-llama": "ready"}

@@ -13,12 +13,11 @@ import openai
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.app import create_app
 from llmserve.server.config import ServerConfig
 from llmserve.server.routes import health
 from llmserve.server.state import SHUTTING_DOWN
-from tests.server_helpers import make_tiny_engine, metric_values, start_server, wait_until
+from tests.server_helpers import engine_client, make_tiny_engine, metric_values, start_server, wait_until
 
 USER = [{"role": "user", "content": "Hello there."}]
 
@@ -36,7 +35,7 @@ def _metrics(server) -> dict[str, float]:
 
 
 async def test_health_is_503_until_the_engine_loop_runs(tokenizer):
-    engine = AsyncEngine(make_tiny_engine(tokenizer, num_blocks=16))
+    engine = engine_client(make_tiny_engine(tokenizer, num_blocks=16))
     app = create_app(ServerConfig(port=0), engine)
     assert (await health(make_mocked_request("GET", "/health", app=app))).status == 503
     await engine.start()
@@ -67,7 +66,9 @@ async def test_full_waiting_queue_gives_429_with_retry_after(tokenizer):
         async with aiohttp.ClientSession() as session:
             running = await session.post(server.v1 + "/chat/completions", json=long)
             assert running.status == 200
-            await running.content.readline()  # it holds the only running seat now
+            await running.content.readline()
+            # it holds the only running seat once the core took it (until then it counts as waiting)
+            await asyncio.to_thread(wait_until, lambda: _metrics(server)["llmserve_requests_running"] == 1)
             waiting = await session.post(server.v1 + "/chat/completions", json={**long, "max_tokens": 3})
             await asyncio.to_thread(wait_until, lambda: _metrics(server)["llmserve_requests_waiting"] == 1)
             async with session.post(server.v1 + "/chat/completions", json={"messages": USER}) as refused:
@@ -75,7 +76,7 @@ async def test_full_waiting_queue_gives_429_with_retry_after(tokenizer):
                 assert (await refused.json())["error"]["type"] == "rate_limit_error"
             running.close()  # the seat frees, the waiting request runs to its end
             text = await waiting.text()
-            assert waiting.status == 200 and text.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in text
+            assert waiting.status == 200 and text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text
     finally:
         server.stop()
 
@@ -97,8 +98,10 @@ def test_access_log_has_timings_but_no_prompt_nor_key(tokenizer, caplog):
     assert not any(secret in r.getMessage() or "key-XYZ" in r.getMessage() for r in caplog.records)
 
 
+# The shutdown tests below read the engine's pool after the server stopped, so their core runs in this process;
+# a core process's stop with streams in flight is tested in test_mp_server.py.
 def test_shutdown_lets_in_flight_requests_finish(tokenizer):
-    server = start_server(make_tiny_engine(tokenizer), shutdown_timeout=60)
+    server = start_server(make_tiny_engine(tokenizer), core_mode="inproc", shutdown_timeout=60)
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
     stream = client.chat.completions.create(model="default", messages=USER, max_tokens=40, stream=True,
                                             extra_body={"ignore_eos": True})
@@ -112,7 +115,7 @@ def test_shutdown_lets_in_flight_requests_finish(tokenizer):
 
 
 async def test_shutdown_deadline_aborts_and_closes_open_streams(tokenizer):
-    server = start_server(make_tiny_engine(tokenizer), shutdown_timeout=0.2)
+    server = start_server(make_tiny_engine(tokenizer), core_mode="inproc", shutdown_timeout=0.2)
     body = {"messages": USER, "max_tokens": 900, "ignore_eos": True, "stream": True}
     async with aiohttp.ClientSession() as session:
         response = await session.post(server.v1 + "/chat/completions", json=body)
@@ -128,7 +131,7 @@ async def test_shutdown_deadline_aborts_and_closes_open_streams(tokenizer):
 
 
 async def test_second_signal_aborts_in_flight_requests_without_waiting_for_the_deadline(tokenizer):
-    server = start_server(make_tiny_engine(tokenizer), shutdown_timeout=60)
+    server = start_server(make_tiny_engine(tokenizer), core_mode="inproc", shutdown_timeout=60)
     body = {"messages": USER, "max_tokens": 900, "ignore_eos": True, "stream": True}
     async with aiohttp.ClientSession() as session:
         response = await session.post(server.v1 + "/chat/completions", json=body)

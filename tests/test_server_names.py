@@ -13,11 +13,10 @@ import openai
 import pytest
 
 from llmserve.cli import build_parser
-from llmserve.engine.async_engine import AsyncEngine
 from llmserve.server.cli import served_name
 from llmserve.server.config import ServerConfig
 from llmserve.server.models import DuplicateModelNameError, ModelRegistry
-from tests.server_helpers import ServerThread, make_tiny_engine, wait_until
+from tests.server_helpers import ServerThread, engine_client, make_tiny_engine, wait_until
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -67,7 +66,7 @@ def test_default_names_the_first_model_even_while_it_builds(tokenizer):
         await asyncio.Event().wait()
 
     async def at_once():
-        return AsyncEngine(engine)
+        return engine_client(engine)
 
     server = ServerThread(None, ServerConfig(port=0), building={"main": never_finishes, "ready": at_once}).start()
     try:

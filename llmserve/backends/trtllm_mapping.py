@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmserve.engine.engine import RequestOutput
+from llmserve.core.messages import EngineCoreOutput, ModelInfo
+from llmserve.frontend.async_llm import ERROR
 from llmserve.sampling_params import SamplingParams
 
 # TensorRT-LLM FinishReason names -> our finish_reason strings (vLLM vocabulary).
@@ -68,48 +69,38 @@ def engine_info(engine_dir: str | Path) -> tuple[list[int], int]:
     return eos_ids, int(raw.get("build_config", {}).get("max_seq_len", 8192))
 
 
-class RequestStream:
-    """Per-request state: turns TensorRT-LLM responses (new tokens only) into RequestOutputs."""
+def model_info(engine_dir: str | Path) -> ModelInfo:
+    """What the API side needs to know of a trtllm-build output folder (limits, banner, tokenizer folder).
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer):
-        from llmserve.frontend.detokenizer import IncrementalDetokenizer
+    TensorRT-LLM manages its own KV cache, so the block counts stay 0 (the banner then leaves them out).
+    """
+    engine_dir = Path(engine_dir)
+    raw = json.loads((engine_dir / "config.json").read_text()) if (engine_dir / "config.json").is_file() else {}
+    pretrained, build = raw.get("pretrained_config", {}), raw.get("build_config", {})
+    if "vocab_size" not in pretrained:
+        raise ValueError(f"{engine_dir / 'config.json'} has no pretrained_config.vocab_size; is it a trtllm-build "
+                         f"output folder?")
+    eos_ids, max_seq_len = engine_info(engine_dir)
+    dtype = str(pretrained.get("dtype", "unknown"))
+    return ModelInfo(vocab_size=int(pretrained["vocab_size"]), max_model_len=max_seq_len, eos_token_ids=eos_ids,
+                     device="cuda", dtype=dtype, quantization=(pretrained.get("quantization") or {}).get("quant_algo"),
+                     kv_cache_dtype=dtype, num_kv_blocks=0, block_size=0,
+                     max_num_seqs=int(build.get("max_batch_size", 0)), tokenizer_path=str(engine_dir))
 
-        self.request_id = request_id
-        self.stop_token_ids = set(params.stop_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_output_tokens = 0
-        self.detokenizer = None if tokenizer is None else IncrementalDetokenizer(
-            tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
-            include_stop_str_in_output=params.include_stop_str_in_output)
 
-    @property
-    def hit_stop_string(self) -> bool:
-        return self.detokenizer is not None and self.detokenizer.stop_reason is not None
+def core_output(request_id: str, response, stop_token_ids: set[int]) -> EngineCoreOutput:
+    """The core output carried by one streaming Executor response (new tokens only).
 
-    def step(self, response) -> RequestOutput:
-        """The delta carried by one Executor response; raises RuntimeError for an error response."""
-        if response.has_error():
-            raise RuntimeError(f"TensorRT-LLM request {self.request_id} failed: {response.error_msg}")
-        result = response.result
-        new_ids = list(result.output_token_ids[0])  # beam 0; streaming results hold only new tokens
-        self.num_output_tokens += len(new_ids)
-        text = self.detokenizer.add_tokens(new_ids) if self.detokenizer else ""
-        if result.is_final and self.detokenizer:
-            text += self.detokenizer.finish()
-        return RequestOutput(self.request_id, new_ids, text, finished=bool(result.is_final),
-                             finish_reason=_finish_reason(result) if result.is_final else None,
-                             stop_reason=self._stop_reason(new_ids), num_prompt_tokens=self.num_prompt_tokens,
-                             num_output_tokens=self.num_output_tokens)
-
-    def aborted(self) -> RequestOutput:
-        """The last output of an aborted request."""
-        return RequestOutput(self.request_id, [], "", finished=True, finish_reason="abort",
-                             num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=self.num_output_tokens)
-
-    def _stop_reason(self, new_ids: list[int]) -> str | int | None:
-        if self.detokenizer is not None and self.detokenizer.stop_reason is not None:
-            return self.detokenizer.stop_reason
-        return new_ids[-1] if new_ids and new_ids[-1] in self.stop_token_ids else None
+    An error response ends the request with finish reason 'error' (its message goes to the log).
+    """
+    if response.has_error():
+        return EngineCoreOutput(request_id, [], finish_reason=ERROR)
+    result = response.result
+    new_ids = [int(t) for t in result.output_token_ids[0]]  # beam 0; streaming results hold only new tokens
+    if not result.is_final:
+        return EngineCoreOutput(request_id, new_ids)
+    stop_reason = new_ids[-1] if new_ids and new_ids[-1] in stop_token_ids else None
+    return EngineCoreOutput(request_id, new_ids, finish_reason=_finish_reason(result), stop_reason=stop_reason)
 
 
 def _finish_reason(result) -> str:

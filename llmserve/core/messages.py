@@ -20,6 +20,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, tag
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    # seconds it may wait before it is first scheduled; past that, never started, it ends "queue_timeout"
+    queue_timeout: float | None = None
 
 
 class AbortRequests(msgspec.Struct, array_like=True, tag="abort"):
@@ -41,7 +43,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
-    finish_reason: str | None = None  # "stop" (EOS or a stop token id), "length" or "abort"
+    finish_reason: str | None = None  # "stop" (EOS or a stop token id), "length", "abort" or "queue_timeout"
     stop_reason: int | None = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
@@ -72,6 +74,9 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True):
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats | None = None
     timestamp: float = 0.0
+    # this client's EngineCoreRequests the core has taken so far (`stats` counts them): the client's
+    # requests still on their way are the ones it sent beyond this (exact admission counts)
+    num_requests_received: int = 0
 
 
 class ModelInfo(msgspec.Struct, array_like=True):

@@ -5,48 +5,31 @@ under a per-step token budget, so chunked prefill and decode are the same path. 
 the KV pool runs dry, the newest running sequence is preempted (its blocks freed, to be
 recomputed) and requeued at the front. Plain Python: no torch.
 
-A step's results arrive in two parts, so the next step can be scheduled while the device
-still works (async scheduling): `advance()` counts the tokens as computed and gives each
-sampling sequence a placeholder output, `resolve()` fills in the sampled ids and stops
-sequences. `update()` does both at once.
+`schedule()` returns a plain-data `SchedulerOutput` keyed by request id (see
+scheduler_output.py); the runner answers with a `ModelRunnerOutput`. A step's results
+arrive in two parts, so the next step can be scheduled while the device still works (async
+scheduling): `advance()` counts the tokens as computed and gives each sampling sequence a
+placeholder output, `resolve()` fills in the sampled ids and stops sequences. `update()`
+does both at once.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmserve.config import SchedulerConfig
 from llmserve.core.kv_cache import KVCacheManager
+from llmserve.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from llmserve.core.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
-class SchedulerOutput:
-    """The step contract: sequences to run, tokens for each, and what was preempted."""
+class AdvancedStep:
+    """A step counted as computed whose samples are not in yet (the scheduler's own bookkeeping)."""
 
-    seqs: list[Sequence] = field(default_factory=list)
-    num_scheduled_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    # whether each sequence reaches its last token this step (so a token is sampled);
-    # fixed at schedule time because update() moves the counts it is derived from
-    sampling: list[bool] = field(default_factory=list)
-
-    def add(self, seq: Sequence, num_tokens: int) -> None:
-        self.seqs.append(seq)
-        self.num_scheduled_tokens.append(num_tokens)
-        self.sampling.append(seq.num_computed_tokens + num_tokens == seq.num_tokens)
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
-    def samples(self, index: int) -> bool:
-        return self.sampling[index]
+    seqs: list[Sequence]  # every scheduled sequence, in schedule order
+    pending: dict[str, tuple[Sequence, int]]  # each sampling sequence and the index of its placeholder output
 
 
 class Scheduler:
@@ -60,6 +43,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # ended since the last schedule(): the runner drops them
 
     @property
     def num_unfinished(self) -> int:
@@ -75,30 +59,42 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        """Pick this step's sequences and token counts under the budget; plain data for the runner."""
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        cached, num_scheduled, sampling = out.cached_requests, out.num_scheduled_tokens, out.sampling_request_ids
         budget = self.config.max_num_batched_tokens
 
         # Phase 1: running sequences, oldest first; preempt the newest when blocks run out.
+        # The runner holds them already: it gets only their new block ids.
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             if len(seq.output_token_ids) >= seq.max_output_tokens:
                 index += 1  # its last token is still on the device; it ends when resolved
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_left = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(num_left, budget)
+            num_blocks = len(seq.block_table)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted.append(victim)
+                out.preempted_request_ids.append(victim.request_id)
                 if victim is seq:
                     break
             else:
-                out.add(seq, num_new)
+                cached.request_ids.append(seq.request_id)
+                cached.new_block_ids.append(seq.block_table[num_blocks:])
+                cached.num_computed_tokens.append(seq.num_computed_tokens)
+                num_scheduled[seq.request_id] = num_new
+                if num_new == num_left:
+                    sampling.add(seq.request_id)
                 budget -= num_new
                 index += 1
 
-        # Phase 2: admit waiting sequences, unless memory was short this step.
-        while self.waiting and budget > 0 and not out.preempted:
+        # Phase 2: admit waiting sequences, unless memory was short this step. The runner
+        # gets them whole (a resumed one with its outputs so far).
+        while self.waiting and budget > 0 and not out.preempted_request_ids:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -112,47 +108,52 @@ class Scheduler:
             seq.num_cached_tokens = max(seq.num_cached_tokens, min(num_cached, seq.num_prompt_tokens))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.add(seq, num_new)
+            out.new_requests.append(_new_request_data(seq))
+            num_scheduled[seq.request_id] = num_new
+            if num_cached + num_new == seq.num_tokens:
+                sampling.add(seq.request_id)
             budget -= num_new
         return out
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Apply one step's results at once; returns the sequences that finished.
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Sequence, int]]:
+        """Apply one step's results at once; see `resolve` for what it returns."""
+        return self.resolve(self.advance(out), result)
 
-        `sampled_token_ids` holds one id per sequence for which `out.samples(i)` is true,
-        in schedule order.
-        """
-        return self.resolve(out, self.advance(out), sampled_token_ids)
-
-    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
-        """Count the step's tokens as computed and append a placeholder output to each
-        sampling sequence; returns (sequence, output index) of each, in schedule order."""
-        pending = []
-        for i, seq in enumerate(out.seqs):
-            seq.num_computed_tokens += out.num_scheduled_tokens[i]
-            if out.samples(i):
-                pending.append((seq, len(seq.output_token_ids)))
+    def advance(self, out: SchedulerOutput) -> AdvancedStep:
+        """Count the step's tokens as computed and append a placeholder output to each sampling sequence."""
+        step = AdvancedStep([], {})
+        requests, sampling = self.requests, out.sampling_request_ids
+        for request_id, num_new in out.num_scheduled_tokens.items():
+            seq = requests[request_id]
+            seq.num_computed_tokens += num_new
+            step.seqs.append(seq)
+            if request_id in sampling:
+                step.pending[request_id] = (seq, len(seq.output_token_ids))
                 seq.output_token_ids.append(PLACEHOLDER)
-        return pending
+        return step
 
-    def resolve(self, out: SchedulerOutput, pending: list[tuple[Sequence, int]],
-                sampled_token_ids: list[int]) -> list[Sequence]:
-        """Put the sampled ids in place of `advance`'s placeholders, register newly full
-        blocks, and finish sequences that stop. Sequences that ended meanwhile are skipped."""
-        live = [(seq, index, token_id) for (seq, index), token_id in zip(pending, sampled_token_ids, strict=True)
-                if not seq.is_finished]
-        for seq, index, token_id in live:
-            seq.output_token_ids[index] = token_id
-        for seq in out.seqs:  # before any finish frees them, so finished prefixes stay reusable
+    def resolve(self, step: AdvancedStep, result: ModelRunnerOutput) -> list[tuple[Sequence, int]]:
+        """Put the sampled ids in place of `advance`'s placeholders, register newly full blocks and
+        finish sequences that stop.
+
+        Returns (sequence, row of `result`) for each sequence that took its token, in the result's
+        order; those that stopped are finished. Sequences that ended meanwhile are skipped.
+        """
+        assert len(result.request_ids) == len(step.pending), "the runner must sample exactly the sampling requests"
+        live = []
+        for row, (request_id, token_id) in enumerate(zip(result.request_ids, result.sampled_token_ids)):
+            seq, index = step.pending[request_id]
+            if not seq.is_finished:
+                seq.output_token_ids[index] = token_id
+                live.append((seq, row, index))
+        for seq in step.seqs:  # before any finish frees them, so finished prefixes stay reusable
             if seq.status is SequenceStatus.RUNNING:
                 self.kv.cache_full_blocks(seq)
-        finished = []
-        for seq, index, token_id in live:
-            reason = self._stop_reason(seq, token_id, num_output=index + 1)
+        for seq, row, index in live:
+            reason = self._stop_reason(seq, result.sampled_token_ids[row], num_output=index + 1)
             if reason is not None:
                 self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+        return [(seq, row) for seq, row, _ in live]
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End `seq` (for any reason) and free its blocks; idempotent."""
@@ -168,6 +169,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.requests[seq.request_id]
+        self._finished_ids.append(seq.request_id)
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.requests.get(request_id)
@@ -193,3 +195,10 @@ class Scheduler:
         if num_output >= seq.max_output_tokens:
             return FinishReason.LENGTH
         return None
+
+
+def _new_request_data(seq: Sequence) -> NewRequestData:
+    # every output of a waiting sequence is on the host: it was resolved before it could be readmitted
+    assert PLACEHOLDER not in seq.output_token_ids, f"{seq.request_id} readmitted with a token in flight"
+    return NewRequestData(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
+                          list(seq.block_table), seq.num_computed_tokens)

@@ -1,4 +1,8 @@
-"""One generation sequence: its tokens, how many are computed, its block table."""
+"""The scheduler's view of one request: its tokens, how many are computed, its block table.
+
+Plain Python, core side only: the runner never sees a Sequence (it keeps its own state,
+keyed by request id, from the plain-data SchedulerOutput).
+"""
 
 from __future__ import annotations
 
@@ -63,7 +67,3 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]

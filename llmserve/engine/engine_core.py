@@ -16,11 +16,13 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import EngineConfig
 from llmserve.core.kv_cache import KVCacheManager
 from llmserve.core.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, ModelInfo,
-                                    SchedulerStats, TokenLogprobs)
-from llmserve.core.scheduler import Scheduler
-from llmserve.core.sequence import FinishReason, Sequence
+                                    SchedulerStats)
+from llmserve.core.scheduler import AdvancedStep, Scheduler
+from llmserve.core.scheduler_output import ModelRunnerOutput
+from llmserve.core.request_check import check_request
+from llmserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
-from llmserve.worker.model_runner import LaunchedStep, ModelRunner, SampledToken, kv_bytes_per_block, kv_cache_dtype
+from llmserve.worker.model_runner import LaunchedStep, ModelRunner, kv_bytes_per_block, kv_cache_dtype
 
 logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -42,14 +44,19 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
         async_scheduling = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
-        self._in_flight: tuple[LaunchedStep, list] | None = None
-        self.requests: dict[str, Sequence] = {}
+        self._in_flight: tuple[LaunchedStep, AdvancedStep] | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_steps = 0
+        self._start_deadlines: dict[str, float] = {}  # request id -> monotonic time it must have started by
         self.info = self._model_info(num_blocks, tokenizer_path)
         logger.info("KV cache: %d blocks of %d tokens (max %d tokens); max_model_len %d",
                     num_blocks, config.cache.block_size, num_blocks * config.cache.block_size, self.max_model_len)
+
+    @property
+    def requests(self) -> dict[str, Sequence]:
+        """Unfinished requests by id (the scheduler's; read-only for callers)."""
+        return self.scheduler.requests
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=print) -> "EngineCore":
@@ -62,7 +69,13 @@ class EngineCore:
         torch.manual_seed(config.seed)
         model_config, model = load_model(path, config.device.device, config.device.dtype,
                                          config.device.quantization)
-        return cls(model, model_config, config, tokenizer_path=str(path))
+        core = cls(model, model_config, config, tokenizer_path=str(path))
+        if config.device.device.startswith("cuda") if config.warmup is None else config.warmup:
+            from llmserve.engine.warmup import warm_up
+
+            progress(f"warming up (Triton kernels compile now, not in the first requests): "
+                     f"{warm_up(core):.1f} s")
+        return core
 
     def _num_blocks_from_budget(self, model) -> int:
         cache = self.config.cache
@@ -100,15 +113,14 @@ class EngineCore:
         seq = Sequence(request.request_id, list(prompt), request.params,
                        max_output_tokens=min(request.params.max_tokens or room, room))
         self.scheduler.add(seq)
-        self.requests[request.request_id] = seq
         self.num_prompt_tokens_total += len(prompt)
+        if request.queue_timeout is not None:
+            self._start_deadlines[request.request_id] = time.monotonic() + request.queue_timeout
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """End these requests now and free their blocks; unknown or ended ids are ignored."""
         for request_id in request_ids:
-            seq = self.requests.pop(request_id, None)
-            if seq is not None:
-                self.scheduler.finish(seq, FinishReason.ABORT)
+            self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
@@ -131,79 +143,73 @@ class EngineCore:
         on the device first, so the host's work overlaps the device's.
         """
         self.num_steps += 1
+        expired = self._expire_unstarted()
         if self.async_scheduling:
             outputs = self._step_overlapped()
         else:
             out = self.scheduler.schedule()
-            outputs = []
-            if not out.is_empty:
-                sampled = self.runner.execute(out)
-                self.scheduler.update(out, [s.token_id for s in sampled])
-                outputs = self._outputs(out, sampled)
-        return EngineCoreOutputs(outputs, self.stats(), time.time())
+            result = self.runner.execute(out)  # an empty step only drops finished requests' state
+            outputs = self._outputs(self.scheduler.update(out, result), result)
+        return EngineCoreOutputs(expired + outputs, self.stats(), time.time())
+
+    def _expire_unstarted(self) -> list[EngineCoreOutput]:
+        """End the requests past their queue timeout that were never scheduled (they hold no KV blocks)."""
+        if not self._start_deadlines:
+            return []
+        now, expired = time.monotonic(), []
+        for request_id, deadline in list(self._start_deadlines.items()):
+            seq = self.requests.get(request_id)
+            never_started = seq is not None and _never_scheduled(seq)
+            if not never_started or deadline <= now:
+                del self._start_deadlines[request_id]
+            if never_started and deadline <= now:
+                self.scheduler.abort(request_id)
+                expired.append(EngineCoreOutput(request_id, [], finish_reason="queue_timeout"))
+        return expired
 
     def _step_overlapped(self) -> list[EngineCoreOutput]:
         if self._in_flight is not None and self._needs_output_ids():
             return self._finish_in_flight()  # penalties read the previous ids: no overlap
         out = self.scheduler.schedule()
         if out.is_empty:
+            self.runner.execute(out)  # nothing runs; the runner drops finished requests' state
             return self._finish_in_flight()
         previous = self._in_flight[0] if self._in_flight is not None else None
         launched = self.runner.launch(out, previous)
-        pending = self.scheduler.advance(out)
+        advanced = self.scheduler.advance(out)
         outputs = self._finish_in_flight()  # waits for the previous step while this one runs
-        self._in_flight = (launched, pending)
+        self._in_flight = (launched, advanced)
         return outputs
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:
             return []
-        (launched, pending), self._in_flight = self._in_flight, None
-        sampled = self.runner.collect(launched)
-        self.scheduler.resolve(launched.out, pending, [s.token_id for s in sampled])
-        return self._outputs(launched.out, sampled)
+        (launched, advanced), self._in_flight = self._in_flight, None
+        result = self.runner.collect(launched)
+        return self._outputs(self.scheduler.resolve(advanced, result), result)
 
     def _needs_output_ids(self) -> bool:
         return any(seq.params.uses_output_ids for seq in self.scheduler.running)
 
-    def _outputs(self, out, sampled: list[SampledToken]) -> list[EngineCoreOutput]:
-        samples = iter(sampled)
-        outputs = []
-        for i, seq in enumerate(out.seqs):
-            if not out.samples(i):
-                continue
-            token = next(samples)
-            if self.requests.get(seq.request_id) is seq:  # not ended while the step ran
-                outputs.append(self._output(seq, token))
-        return outputs
+    def _outputs(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """One output per request that took a token (from `Scheduler.resolve`), in the runner's batch order."""
+        self.num_generation_tokens_total += len(updated)
+        return [self._output(seq, result, row) for seq, row in updated]
 
-    def _output(self, seq: Sequence, token: SampledToken) -> EngineCoreOutput:
-        self.num_generation_tokens_total += 1
+    @staticmethod
+    def _output(seq: Sequence, result: ModelRunnerOutput, row: int) -> EngineCoreOutput:
+        token_id = result.sampled_token_ids[row]
         finish_reason = stop_reason = None
         if seq.is_finished:
-            del self.requests[seq.request_id]
             finish_reason = seq.finish_reason.value
             if seq.finish_reason is FinishReason.STOP:
-                stop_reason = token.token_id
+                stop_reason = token_id
         logprobs = None
         if seq.params.logprobs is not None:
-            logprobs = [TokenLogprobs(token.logprob, list(token.top_logprobs or []))]
-        return EngineCoreOutput(seq.request_id, [token.token_id], logprobs, finish_reason, stop_reason,
+            logprobs = [result.logprobs[row]]
+        return EngineCoreOutput(seq.request_id, [token_id], logprobs, finish_reason, stop_reason,
                                 seq.num_cached_tokens)
 
 
-def check_request(info: ModelInfo, prompt_token_ids: list[int], params: SamplingParams) -> None:
-    """Raise ValueError when the request can never run (empty or too long a prompt, ids out of range);
-    needs only the engine's `ModelInfo`, so clients check before sending."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty")
-    vocab = info.vocab_size
-    if any(t < 0 or t >= vocab for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-    if bad_stops:
-        raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops}")
-    if len(prompt_token_ids) >= info.max_model_len:
-        raise ValueError(
-            f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length is "
-            f"{info.max_model_len} (prompt plus at least one generated token)")
+def _never_scheduled(seq: Sequence) -> bool:
+    return seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0 and seq.num_preemptions == 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmserve.core.messages import ModelInfo, SchedulerStats
+from llmserve.core.sampled_token import SampledToken
 from llmserve.sampling_params import SamplingParams
 
 
@@ -28,11 +29,15 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
-    new_logprobs: list | None = None  # SampledToken per new token, when asked
+    new_logprobs: list[SampledToken] | None = None  # one per new token, when asked
 
 
 class EngineDeadError(RuntimeError):
     """The engine is not running (stopped, or its process died); the request cannot be served."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """The request waited past its queue timeout without being scheduled; the core removed it."""
 
 
 class EngineClient(Protocol):
@@ -54,11 +59,12 @@ class EngineClient(Protocol):
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError when the request can never run (empty prompt, ids out of range, too long)."""
 
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                 queue_timeout: float | None = None) -> AsyncIterator[RequestOutput]:
         """Deltas of one request until it finishes; closing the iterator early aborts it.
 
-        Raises EngineDeadError (at once or mid-stream) when the engine is not running or dies.
+        Raises EngineDeadError (at once or mid-stream) when the engine is not running or dies, and
+        QueueTimeoutError when the request was not scheduled within `queue_timeout` seconds.
         """
 
     def abort(self, request_id: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from llmserve.core.messages import ModelInfo
 from llmserve.server.config import ServerConfig
 from llmserve.server.models import DEFAULT_ALIAS, READY, ModelRegistry, ServedModel
 
@@ -40,23 +41,20 @@ def _model_lines(model: ServedModel, is_default: bool) -> list[str]:
     title = f"model {model.name!r}{alias}"
     if model.status != READY:
         return [f"{title}: building in the background; requests for it get 503 until it is ready"]
-    core = getattr(model.engine, "engine", None)
-    if core is None or not hasattr(core, "kv"):
-        return [f"{title}: {type(model.engine).__name__}"]
-    return [f"{title}: {_device_summary(core)}", f"model {model.name!r}: {_capacity_summary(core)}"]
+    info = model.engine.info
+    lines = [f"{title}: {_device_summary(info)}"]
+    if info.num_kv_blocks:  # an engine that manages its own KV cache (TensorRT-LLM) does not say
+        lines.append(f"model {model.name!r}: {_capacity_summary(info)}")
+    return lines
 
 
-def _device_summary(core) -> str:
-    device = core.config.device
-    kv_dtype = core.config.cache.kv_cache_dtype
-    return (f"device {device.device}, dtype {device.dtype}, quantization {device.quantization or 'none'}, "
-            f"KV cache dtype {device.dtype if kv_dtype == 'auto' else kv_dtype}")
+def _device_summary(info: ModelInfo) -> str:
+    return (f"device {info.device}, dtype {info.dtype}, quantization {info.quantization or 'none'}, "
+            f"KV cache dtype {info.kv_cache_dtype}")
 
 
-def _capacity_summary(core) -> str:
-    block_size = core.config.cache.block_size
-    num_kv_tokens = core.kv.num_blocks * block_size
-    max_model_len = core.max_model_len
-    return (f"KV cache {core.kv.num_blocks} blocks x {block_size} tokens = {num_kv_tokens} tokens; "
-            f"max_model_len {max_model_len}, so {num_kv_tokens // max_model_len} sequences fit at full context "
-            f"(max_num_seqs {core.config.scheduler.max_num_seqs})")
+def _capacity_summary(info: ModelInfo) -> str:
+    num_kv_tokens = info.num_kv_blocks * info.block_size
+    return (f"KV cache {info.num_kv_blocks} blocks x {info.block_size} tokens = {num_kv_tokens} tokens; "
+            f"max_model_len {info.max_model_len}, so {num_kv_tokens // info.max_model_len} sequences fit at full "
+            f"context (max_num_seqs {info.max_num_seqs})")

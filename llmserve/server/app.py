@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llmserve.engine.async_engine import AsyncEngine
+from llmserve.frontend.engine_client import EngineClient
 from llmserve.server.announce import announce
 from llmserve.server.builds import build_runner
 from llmserve.server.config import ServerConfig
@@ -32,20 +32,22 @@ from llmserve.server.metrics import ServerMetrics
 from llmserve.server.middleware import MIDDLEWARES, add_request_id
 from llmserve.server.models import EngineBuild, ModelRegistry
 from llmserve.server.routes import setup_routes
-from llmserve.server.state import ABORT_NOW, CONFIG, ENGINE, INFLIGHT, METRICS, MODELS, SHUTTING_DOWN, STARTED
+from llmserve.server.state import (ABORT_NOW, CONFIG, ENGINE, INFLIGHT, METRICS, MODELS, SHUTTING_DOWN, STARTED,
+                                   TOKENIZING)
+from llmserve.server.tokenizing import TokenizingWorker
 
 logger = logging.getLogger(__name__)
 ABORT_GRACE_S = 2.0  # after aborting, time for handlers to write their last frames
 RUNNER_SHUTDOWN_S = 1.0  # aiohttp's per-connection wait at close; our own drain has already waited
 
 
-def create_app(config: ServerConfig, engine: AsyncEngine | None,
-               extra_models: dict[str, AsyncEngine] | None = None,
+def create_app(config: ServerConfig, engine: EngineClient | None,
+               extra_models: dict[str, EngineClient] | None = None,
                building: dict[str, EngineBuild] | None = None) -> web.Application:
     """An app serving `engine` as `config.served_model_name`, plus `extra_models` by name, plus the
     `building` models, each built by its EngineBuild in the background once the app runs.
 
-    Engine loops run exactly while the app does; `engine` may be None when only building models exist.
+    Engine clients run exactly while the app does; `engine` may be None when only building models exist.
     """
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_body_bytes)
     app[CONFIG] = config
@@ -58,6 +60,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine | None,
     app[SHUTTING_DOWN] = asyncio.Event()
     app[ABORT_NOW] = asyncio.Event()
     app[STARTED] = int(time.time())
+    app[TOKENIZING] = TokenizingWorker()
     app.cleanup_ctx.append(engine_loop)
     app.cleanup_ctx.append(build_runner(app[MODELS]))  # cleaned up first: no build finishes after the engines stop
     app.on_shutdown.append(drain_inflight)
@@ -73,9 +76,9 @@ def runner_kwargs(config: ServerConfig) -> dict:
             "keepalive_timeout": config.keepalive_timeout, "logger": ConnectionLogger()}
 
 
-def _registry(config: ServerConfig, engine: AsyncEngine | None, extra_models: dict[str, AsyncEngine],
+def _registry(config: ServerConfig, engine: EngineClient | None, extra_models: dict[str, EngineClient],
               building: dict[str, EngineBuild]) -> ModelRegistry:
-    registry = ModelRegistry(config.build_retry_after_s, config.queue_timeout)
+    registry = ModelRegistry(config.build_retry_after_s)
     if engine is not None:
         registry.add_ready(config.served_model_name, engine)
     for name, extra in extra_models.items():
@@ -86,14 +89,15 @@ def _registry(config: ServerConfig, engine: AsyncEngine | None, extra_models: di
 
 
 async def engine_loop(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: start the ready engines' loops with the app, stop every one (aborting all) at cleanup."""
+    """cleanup_ctx: start the ready engines with the app, stop every one (aborting all) at cleanup."""
     for model in app[MODELS].ready():
         await model.engine.start()
-    logger.info("engine loops started; models: %s", app[MODELS].statuses())
+    logger.info("engines started; models: %s", app[MODELS].statuses())
     yield
     for model in app[MODELS].ready():  # includes the engines built while the app ran
         await model.engine.stop()
-    logger.info("engine loops stopped")
+    app[TOKENIZING].shutdown()
+    logger.info("engines stopped")
 
 
 async def close_connection_if_asked(request: web.Request, response: web.StreamResponse) -> None:

@@ -14,9 +14,9 @@ from llmserve.build.profile import BuildProfile
 from llmserve.build.repository import apply_overrides, load_engine_config
 from llmserve.build.worker import build_in_background
 from llmserve.config import EngineConfig
-from llmserve.engine.async_engine import AsyncEngine
-from llmserve.engine.engine import Engine
+from llmserve.frontend.engine_client import EngineClient
 from llmserve.server.announce import announce
+from llmserve.server.engine_clients import make_engine_client
 from llmserve.server.models import BUILDING, ModelRegistry, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -26,18 +26,18 @@ class BuildFailedError(RuntimeError):
     """The build worker reported a failure; the message is its error text."""
 
 
-def load_built_engine(engine_dir: str | Path, base_config: EngineConfig, target: dict | None = None) -> Engine:
-    """The Engine of a built engine folder: its payload as the model, the profile's limits over `base_config`.
+def load_built_engine(engine_dir: str | Path, base_config: EngineConfig, target: dict | None = None) -> EngineClient:
+    """The engine client of a built engine folder: its payload as the model, the profile's limits over `base_config`.
 
     Raises TargetMismatchError (naming both targets) when the engine was built for another `target`.
     """
     payload, overrides = load_engine_config(engine_dir, target)
     config = apply_overrides(dataclasses.replace(base_config, model=str(payload)), overrides)
-    return Engine.from_config(config, progress=logger.info)
+    return make_engine_client(config, progress=logger.info)
 
 
 async def build_and_load(checkpoint_dir: str | Path, profile: str | Path | BuildProfile, repo_root: str | Path,
-                         base_config: EngineConfig, device: str = "cpu") -> AsyncEngine:
+                         base_config: EngineConfig, device: str = "cpu") -> EngineClient:
     """Build in a worker process (the loop keeps serving), then load the engine in a thread."""
     result = await build_in_background(checkpoint_dir, profile, repo_root, device)
     if not result.ok:
@@ -45,9 +45,9 @@ async def build_and_load(checkpoint_dir: str | Path, profile: str | Path | Build
     return await load_in_background(result.engine_dir, base_config)
 
 
-async def load_in_background(engine_dir: str | Path, base_config: EngineConfig) -> AsyncEngine:
+async def load_in_background(engine_dir: str | Path, base_config: EngineConfig) -> EngineClient:
     """`load_built_engine` in a worker thread, so the event loop keeps serving the other models."""
-    return AsyncEngine(await asyncio.to_thread(load_built_engine, engine_dir, base_config))
+    return await asyncio.to_thread(load_built_engine, engine_dir, base_config)
 
 
 async def _finish_build(registry: ModelRegistry, model: ServedModel) -> None:
@@ -61,7 +61,7 @@ async def _finish_build(registry: ModelRegistry, model: ServedModel) -> None:
         model.mark_failed(str(exc) or type(exc).__name__)
         return
     await engine.start()  # before it is visible, so no request meets a stopped engine
-    registry.mark_ready(model, engine)
+    model.mark_ready(engine)
     announce.info("model %r is built and serving", model.name)
 
 

@@ -52,6 +52,11 @@ def add_subcommands(sub) -> None:
     serve.add_argument("--also-build", action="append", default=[], metavar="MODEL=PROFILE",
                        help="also serve MODEL (named after its folder; 'default': the default model's folder), "
                             "built in the background from PROFILE; repeatable")
+    serve.add_argument("--api-server-count", type=int, default=1,
+                       help="API processes (HTTP, tokenization, streaming) sharing --port and one engine core")
+    serve.add_argument("--engine-in-process", action="store_true",
+                       help="run the engine core inside the API process, for debugging (by default it runs in a "
+                            "process of its own)")
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat with a running server in the terminal")
@@ -110,14 +115,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_access_log:
         logging.getLogger("llmserve.access").setLevel(logging.INFO)
     try:
+        if _supervises(args):
+            from llmserve.server.supervisor import serve_with_api_processes
+
+            return serve_with_api_processes(args)
         app = app_from_args(args)
-        return asyncio.run(serve_until_signalled(app))
+        return asyncio.run(serve_until_signalled(app, **_api_process_options(args)))
     except TargetMismatchError as exc:
         return _fail(str(exc), 2)
     except (ValueError, FileNotFoundError, RuntimeError, ListenError) as exc:
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted before the server was ready", 130)
+
+
+def _supervises(args: argparse.Namespace) -> bool:
+    """Whether this process starts and watches several API processes (rather than being one of them)."""
+    count = args.api_server_count
+    if count < 1:
+        raise ValueError(f"--api-server-count must be at least 1, got {count}")
+    exclusive = [flag for flag, used in [("--engine-in-process", args.engine_in_process), ("--engine", args.engine),
+                                         ("--build-config", args.build_config), ("--also-build", args.also_build)]
+                 if used]
+    if count > 1 and exclusive:
+        raise ValueError(f"--api-server-count {count} serves one --model from a shared engine core; {exclusive[0]} "
+                         f"needs a single API process: drop one of the two")
+    return count > 1 and getattr(args, "core_address", None) is None
+
+
+def _api_process_options(args: argparse.Namespace) -> dict:
+    """An API process started by the supervisor shares the port and heeds only the stop signals it relays."""
+    if getattr(args, "core_address", None) is None:
+        return {}
+    from llmserve.server.supervisor import API_STOP_SIGNALS
+
+    return {"stop_signals": API_STOP_SIGNALS, "reuse_port": True}
 
 
 def _show_announcements() -> None:
@@ -135,11 +167,11 @@ def app_from_args(args: argparse.Namespace):
     """The app `serve` runs: from --engine, from --model [--build-config] (built in the background when the
     repository lacks the engine), plus every --also-build model. Names are checked before anything loads."""
     from llmserve.cli import engine_config_from_args
-    from llmserve.engine.async_engine import AsyncEngine
-    from llmserve.engine.engine import Engine
     from llmserve.server.app import create_app
+    from llmserve.server.engine_clients import make_engine_client
 
     base = engine_config_from_args(args)
+    base.engine_in_process = args.engine_in_process
     manifest_name = _manifest_name(args.engine) if args.engine else None
     config = _server_config(args, manifest_name)
     _check_unique_names(config.served_model_name, [checkpoint_name(m) for m, _ in _also_build_specs(args)])
@@ -147,8 +179,8 @@ def app_from_args(args: argparse.Namespace):
     if args.engine:
         return create_app(config, _engine_from_dir(args.engine, base, args.device), building=building)
     if not args.build_config:
-        engine = Engine.from_config(base, progress=_say)
-        return create_app(config, AsyncEngine(engine), building=building)
+        engine = make_engine_client(base, progress=_say, core_address=getattr(args, "core_address", None))
+        return create_app(config, engine, building=building)
     engine_dir, build = _lookup_or_build(args.model, args.build_config, args.repo, base, args.device)
     if engine_dir is None:
         _say(f"no engine for {args.build_config} in {args.repo}: serving {config.served_model_name!r} "
@@ -182,29 +214,27 @@ def _manifest_name(engine_dir: str) -> str:
 
 
 def _engine_from_dir(engine_dir, base, device: str):
-    """The AsyncEngine of a built engine folder, by the manifest's backend; refuses another target's engine."""
+    """The engine client of a built engine folder, by the manifest's backend; refuses another target's engine."""
     from llmserve.build.repository import read_manifest
     from llmserve.build.target import current_target
-    from llmserve.engine.async_engine import AsyncEngine
     from llmserve.server.builds import load_built_engine
 
     manifest = read_manifest(engine_dir)
     if manifest.get("backend") == "trtllm":
         return _trtllm_engine(engine_dir, manifest)
-    return AsyncEngine(load_built_engine(engine_dir, base, current_target(device)))
+    return load_built_engine(engine_dir, base, current_target(device))
 
 
 def _trtllm_engine(engine_dir, manifest: dict):
-    """A TensorRT-LLM engine goes to TrtllmEngine, whose construction says what is missing without tensorrt_llm."""
+    """A TensorRT-LLM engine is served through TrtllmEngine, whose construction says what is missing without
+    tensorrt_llm."""
     from llmserve.backends.trtllm import TrtllmEngine
     from llmserve.build.repository import check_target, engine_payload
     from llmserve.build.target import current_target
 
-    TrtllmEngine(engine_payload(engine_dir, manifest))
+    engine = TrtllmEngine(engine_payload(engine_dir, manifest))
     check_target(manifest, current_target("cuda"))
-    raise RuntimeError(f"{engine_dir} is a TensorRT-LLM engine: the HTTP server cannot serve it yet (it reads the "
-                       f"native engine's KV pool and tokenizer); drive it from Python with "
-                       f"llmserve.backends.trtllm.TrtllmEngine, or build a native profile for `serve`")
+    return engine
 
 
 def _lookup_or_build(model: str, profile_path: str, repo_root: str, base, device: str):

@@ -1,7 +1,7 @@
 """Running one HTTP request's choices in the engine: admission, fan-out of n, abort on exit.
 
 "Waiting" means accepted but not running: admitted by the server and not yet passed to the
-engine, queued for the engine loop, or in the scheduler's waiting queue (not yet started, or
+engine, on its way to the engine core, or in the scheduler's waiting queue (not yet started, or
 preempted and waiting to resume). `max_waiting` bounds that count; admission reserves a
 request's slots synchronously, so handlers racing through admission all see each other.
 """
@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 
-from llmserve.engine.async_engine import AsyncEngine, EngineDeadError
-from llmserve.engine.engine import RequestOutput
+from llmserve.frontend.engine_client import EngineClient, EngineDeadError, RequestOutput
 from llmserve.sampling_params import SamplingParams
 from llmserve.server.config import ServerConfig
 from llmserve.server.errors import APIError, bad_request
+from llmserve.server.models import ServedModel
 from llmserve.server.protocol import GenerationRequest
 
 
-def admit(engine: AsyncEngine, config: ServerConfig, gen: GenerationRequest, prompt_param: str) -> "Reservation":
+def admit(model: ServedModel, config: ServerConfig, gen: GenerationRequest, prompt_param: str) -> "Reservation":
     """Check what a request gets before it reaches the engine (lengths, queue room) and take its waiting
     slots at once, with no await in between, so that a burst cannot overshoot `max_waiting`; the model was
     already chosen by the registry."""
+    engine = model.engine
     for prompt in gen.prompts:
         _check_length(engine, prompt, gen.params, prompt_param)
     num_new = len(gen.prompts) * gen.params.n
@@ -31,42 +32,42 @@ def admit(engine: AsyncEngine, config: ServerConfig, gen: GenerationRequest, pro
                           f"(--max-waiting); lower n or send fewer prompts per request", "n", "too_many_choices")
     if not engine.is_running:
         raise APIError(503, "the engine is not running", code="engine_not_ready")
-    num_waiting = engine.num_waiting_requests
+    num_waiting = model.num_waiting
     if num_waiting + num_new > config.max_waiting:
         raise APIError(429, f"the server is busy ({num_waiting} requests waiting); retry later",
                        code="too_many_requests", headers={"Retry-After": str(config.retry_after_s)})
-    return Reservation(engine, num_new)
+    return Reservation(model, num_new)
 
 
 class Reservation:
     """Waiting slots taken at admission for choices not yet handed to the engine.
 
-    Each slot is given back exactly once: when its choice enters the engine's own queue
-    (`hand_over`, right before `generate()` queues it, with no await in between), or when the
-    run ends before that for any reason (`release_all`).
+    Each slot is given back exactly once: when its choice is sent to the engine, which counts it
+    as waiting from then on (`hand_over`, right before `generate()` sends it, with no await in
+    between), or when the run ends before that for any reason (`release_all`).
     """
 
-    def __init__(self, engine: AsyncEngine, num_slots: int):
-        self.engine = engine
+    def __init__(self, model: ServedModel, num_slots: int):
+        self.model = model
         self.num_slots = num_slots
-        engine.num_reserved += num_slots
+        model.num_reserved += num_slots
 
     def hand_over(self) -> None:
-        """One choice is about to be queued by the engine, which counts it as waiting from then on."""
+        """One choice is about to be sent to the engine, which counts it as waiting from then on."""
         if self.num_slots:
             self.num_slots -= 1
-            self.engine.num_reserved -= 1
+            self.model.num_reserved -= 1
 
     def release_all(self) -> None:
         """Give back the slots of the choices never handed over (the run ended first)."""
-        self.engine.num_reserved -= self.num_slots
+        self.model.num_reserved -= self.num_slots
         self.num_slots = 0
 
 
-def _check_length(engine: AsyncEngine, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
-    max_model_len = engine.engine.max_model_len
+def _check_length(engine: EngineClient, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
+    max_model_len = engine.info.max_model_len
     try:
-        engine.engine.check_request(prompt, params)
+        engine.check_request(prompt, params)
     except ValueError as exc:
         code = "context_length_exceeded" if len(prompt) >= max_model_len else None
         raise bad_request(str(exc), prompt_param, code) from exc
@@ -85,10 +86,11 @@ class ChoiceRun:
     cancellation) aborts every choice still running, so its KV blocks are freed.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 reservation: Reservation):
+    def __init__(self, engine: EngineClient, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 reservation: Reservation, queue_timeout: float | None = None):
         self.engine = engine
         self.reservation = reservation
+        self.queue_timeout = queue_timeout
         self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts) * params.n)]
         self._jobs = [(prompt, params.for_choice(i)) for prompt in prompts for i in range(params.n)]
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -135,9 +137,9 @@ class ChoiceRun:
         return index, item
 
     async def _pump(self, index: int, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        self.reservation.hand_over()  # generate() queues the choice before its first await
+        self.reservation.hand_over()  # generate() sends the choice before its first await
         try:
-            async for output in self.engine.generate(request_id, prompt, params):
+            async for output in self.engine.generate(request_id, prompt, params, queue_timeout=self.queue_timeout):
                 self._queue.put_nowait((index, output))
         except Exception as exc:  # handed to the reader, which turns it into an error response
             self._queue.put_nowait((index, exc))

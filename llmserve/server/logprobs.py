@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from llmserve.worker.model_runner import SampledToken
+from llmserve.core.sampled_token import SampledToken
 
 
 @functools.cache

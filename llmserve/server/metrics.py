@@ -1,7 +1,8 @@
 """Prometheus metrics, in a registry owned by the app (no process-global registry).
 
-Engine gauges and totals are read at scrape time, summed over the ready models' engines
-(one model: that engine's values, no labels); request histograms are observed as requests end.
+Engine gauges and totals are read at scrape time from each ready model's engine client (`stats()`:
+the core's latest counters), summed over the models (one model: its values, no labels); request
+histograms are observed as requests end.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ServerMetrics:
 
 
 class EngineCollector:
-    """Reads the ready engines' queues, KV pools and token totals, and every model's status, at scrape time."""
+    """Reads the ready engines' stats (queues, KV pools, token totals) and every model's status, at scrape time."""
 
     def __init__(self, models: ModelRegistry):
         self.models = models
@@ -61,28 +62,28 @@ class EngineCollector:
         return []  # unknown until the first scrape; keeps registration free of side effects
 
     def collect(self):
-        engines = [m.engine for m in self.models.ready()]
-        cores = [e.engine for e in engines]
-        kvs = [core.kv for core in cores]
-        yield _gauge("llmserve_requests_running", "Requests being decoded or prefilled",
-                     sum(e.num_running_requests for e in engines))
+        models = self.models.ready()
+        stats = [m.engine.stats() for m in models]
+
+        def total(field: str) -> int:
+            return sum(getattr(s, field) for s in stats)
+
+        yield _gauge("llmserve_requests_running", "Requests being decoded or prefilled", total("num_running"))
         yield _gauge("llmserve_requests_waiting",
                      "Requests accepted but not running (not yet started, or preempted); --max-waiting bounds it",
-                     sum(e.num_waiting_requests for e in engines))
-        yield _gauge("llmserve_kv_blocks_total", "KV cache blocks in the pool", sum(kv.num_blocks for kv in kvs))
-        yield _gauge("llmserve_kv_blocks_used", "KV blocks held by requests (ref count > 0)",
-                     sum(kv.num_used_blocks for kv in kvs))
+                     sum(m.num_waiting for m in models))
+        yield _gauge("llmserve_kv_blocks_total", "KV cache blocks in the pool", total("kv_blocks_total"))
+        yield _gauge("llmserve_kv_blocks_used", "KV blocks held by requests (ref count > 0)", total("kv_blocks_used"))
         yield _gauge("llmserve_kv_blocks_cached", "Free KV blocks still holding a reusable prefix",
-                     sum(kv.num_cached_blocks for kv in kvs))
+                     total("kv_blocks_cached"))
         yield _counter("llmserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                       sum(kv.prefix_queries for kv in kvs))
+                       total("prefix_cache_queries"))
         yield _counter("llmserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                       sum(kv.prefix_hits for kv in kvs))
-        yield _counter("llmserve_prompt_tokens", "Prompt tokens admitted", sum(c.num_prompt_tokens_total for c in cores))
-        yield _counter("llmserve_generation_tokens", "Tokens generated",
-                       sum(c.num_generation_tokens_total for c in cores))
+                       total("prefix_cache_hits"))
+        yield _counter("llmserve_prompt_tokens", "Prompt tokens admitted", total("num_prompt_tokens_total"))
+        yield _counter("llmserve_generation_tokens", "Tokens generated", total("num_generation_tokens_total"))
         yield _counter("llmserve_preemptions", "Sequences preempted for lack of KV blocks",
-                       sum(c.scheduler.num_preemptions for c in cores))
+                       total("num_preemptions_total"))
         yield self._model_ready()
 
     def _model_ready(self) -> GaugeMetricFamily:

@@ -11,30 +11,40 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from llmserve.engine.async_engine import AsyncEngine
+from llmserve.frontend.engine_client import EngineClient
 from llmserve.server.errors import APIError
 from llmserve.server.logprobs import TokenPieces
 
 READY, BUILDING, FAILED = "ready", "building", "failed"
 DEFAULT_ALIAS = "default"
-# Builds an engine (not yet started) in the background; raising marks the model failed.
-EngineBuild = Callable[[], Awaitable[AsyncEngine]]
+# Builds an engine client (not yet started) in the background; raising marks the model failed.
+EngineBuild = Callable[[], Awaitable[EngineClient]]
 
 
 @dataclass(slots=True)
 class ServedModel:
-    """One model id clients can name; `engine` and `token_pieces` are set exactly when ready."""
+    """One model id clients can name; `engine` and `token_pieces` are set exactly when ready.
+
+    `num_reserved`: waiting slots admission took for choices not yet handed to the engine
+    (server/generation.py's Reservation), so that a burst cannot overshoot its queue limit.
+    """
 
     name: str
     status: str = READY
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
     token_pieces: TokenPieces | None = None
     error: str | None = None
     build: EngineBuild | None = None  # run by the app's cleanup context while status is 'building'
+    num_reserved: int = 0
 
-    def mark_ready(self, engine: AsyncEngine) -> None:
+    def mark_ready(self, engine: EngineClient) -> None:
         self.status, self.engine, self.error, self.build = READY, engine, None, None
-        self.token_pieces = TokenPieces(engine.engine.tokenizer)
+        self.token_pieces = TokenPieces(engine.tokenizer)
+
+    @property
+    def num_waiting(self) -> int:
+        """Accepted but not running: reserved by admission, on the way to the engine, or waiting in it."""
+        return self.num_reserved + self.engine.num_waiting_requests
 
     def mark_failed(self, error: str) -> None:
         self.status, self.error, self.build = FAILED, error, None
@@ -45,14 +55,10 @@ class DuplicateModelNameError(ValueError):
 
 
 class ModelRegistry:
-    """Served models by canonical name, in registration order; the first is the default model.
+    """Served models by canonical name, in registration order; the first is the default model."""
 
-    `queue_timeout` is applied to every engine that becomes ready here (see AsyncEngine).
-    """
-
-    def __init__(self, build_retry_after_s: int = 5, queue_timeout: float | None = None):
+    def __init__(self, build_retry_after_s: int = 5):
         self.build_retry_after_s = build_retry_after_s
-        self.queue_timeout = queue_timeout
         self._models: dict[str, ServedModel] = {}
 
     def __len__(self) -> int:
@@ -61,15 +67,10 @@ class ModelRegistry:
     def __iter__(self):
         return iter(list(self._models.values()))
 
-    def add_ready(self, name: str, engine: AsyncEngine) -> ServedModel:
+    def add_ready(self, name: str, engine: EngineClient) -> ServedModel:
         model = self._add(ServedModel(name, status=BUILDING))
-        self.mark_ready(model, engine)
-        return model
-
-    def mark_ready(self, model: ServedModel, engine: AsyncEngine) -> None:
-        """Make `model` serve `engine`, under this server's queue timeout."""
-        engine.queue_timeout = self.queue_timeout
         model.mark_ready(engine)
+        return model
 
     def add_building(self, name: str, build: EngineBuild) -> ServedModel:
         """Register `name` as building; the app runs `build()` once it starts (see builds.run_builds)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llmserve.engine.engine import RequestOutput
-from llmserve.worker.model_runner import SampledToken
+from llmserve.core.sampled_token import SampledToken
+from llmserve.frontend.engine_client import RequestOutput
 from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs
 
 

@@ -9,10 +9,10 @@ from aiohttp import web
 from llmserve.server.errors import APIError
 from llmserve.server.metrics import CONTENT_TYPE
 from llmserve.server.models import ServedModel
-from llmserve.server.protocol import Limits, parse_chat, parse_completion
+from llmserve.server.protocol import GenerationRequest, Limits, parse_chat, parse_completion
 from llmserve.server.responses import ChatRenderer, CompletionRenderer
 from llmserve.server.serving import read_json, serve_generation
-from llmserve.server.state import CONFIG, METRICS, MODELS, SHUTTING_DOWN, STARTED
+from llmserve.server.state import CONFIG, METRICS, MODELS, SHUTTING_DOWN, STARTED, TOKENIZING
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
@@ -24,40 +24,43 @@ def _select(request: web.Request, body: dict) -> ServedModel:
 
 
 def _limits(app: web.Application, model: ServedModel) -> Limits:
-    vocab_size = model.engine.engine.model_config.vocab_size
-    return Limits(vocab_size=vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS)
+    return Limits(vocab_size=model.engine.info.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS)
 
 
 def _tokenizer(model: ServedModel):
-    tokenizer = model.engine.engine.tokenizer
+    tokenizer = model.engine.tokenizer
     if tokenizer is None:
         raise APIError(500, "this model has no tokenizer", code="no_tokenizer")
     return tokenizer
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
+async def _parse(request: web.Request, parse) -> tuple[ServedModel, GenerationRequest]:
+    """The chosen model and the parsed body; a large body is tokenized off the event loop."""
+    body, num_bytes = await read_json(request)
     model = _select(request, body)
-    gen = parse_chat(body, _tokenizer(model), _limits(request.app, model))
+    args = (body, _tokenizer(model), _limits(request.app, model))
+    return model, await request.app[TOKENIZING].run(num_bytes, parse, *args)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    model, gen = await _parse(request, parse_chat)
     renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
                             include_usage=gen.include_usage)
-    return await serve_generation(request, model.engine, gen, renderer)
+    return await serve_generation(request, model, gen, renderer)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    model = _select(request, body)
-    gen = parse_completion(body, _tokenizer(model), _limits(request.app, model))
+    model, gen = await _parse(request, parse_completion)
     renderer = CompletionRenderer(
         f"cmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
         include_usage=gen.include_usage, prompts=gen.prompts, n=gen.params.n, echo_texts=gen.prompt_texts,
         logprobs_on=gen.params.logprobs is not None)
-    return await serve_generation(request, model.engine, gen, renderer)
+    return await serve_generation(request, model, gen, renderer)
 
 
 def _model_card(app: web.Application, model: ServedModel) -> dict:
     return {"id": model.name, "object": "model", "created": app[STARTED], "owned_by": "llmserve",
-            "max_model_len": model.engine.engine.max_model_len}
+            "max_model_len": model.engine.info.max_model_len}
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -7,11 +7,11 @@ import logging
 
 from aiohttp import web
 
-from llmserve.engine.async_engine import AsyncEngine, QueueTimeoutError
-from llmserve.engine.engine import RequestOutput
+from llmserve.frontend.engine_client import QueueTimeoutError, RequestOutput
 from llmserve.server.body import parse_json_object
 from llmserve.server.errors import APIError
 from llmserve.server.generation import ChoiceRun, admit
+from llmserve.server.models import ServedModel
 from llmserve.server.protocol import GenerationRequest
 from llmserve.server.responses import ChoiceState, Renderer, usage
 from llmserve.server.sse import SSEStream
@@ -21,12 +21,13 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_ERROR = "the request was aborted because the server is shutting down"
 
 
-async def read_json(request: web.Request) -> dict:
-    """The body as a JSON object, or a 400 (a body over the size limit is a 413 from aiohttp; one slower
-    than the body timeout a 408, and the connection closes)."""
+async def read_json(request: web.Request) -> tuple[dict, int]:
+    """The body as a JSON object and its size in bytes, or a 400 (a body over the size limit is a 413 from
+    aiohttp; one slower than the body timeout a 408, and the connection closes)."""
     if request.app[SHUTTING_DOWN].is_set():
         raise APIError(503, "the server is shutting down; retry on a new connection", code="shutting_down")
-    return parse_json_object(await _read_body(request))
+    raw = await _read_body(request)
+    return parse_json_object(raw), len(raw)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -38,13 +39,13 @@ async def _read_body(request: web.Request) -> bytes:
                        code="body_timeout", headers={"Connection": "close"}) from exc
 
 
-async def serve_generation(request: web.Request, engine: AsyncEngine, gen: GenerationRequest, renderer: Renderer
+async def serve_generation(request: web.Request, model: ServedModel, gen: GenerationRequest, renderer: Renderer
                            ) -> web.StreamResponse:
-    """Admit `gen`, run all its choices in `engine`, and answer; leaving aborts what still runs."""
-    stats = request[STATS]
-    reservation = admit(engine, request.app[CONFIG], gen, renderer.prompt_param)
+    """Admit `gen`, run all its choices in `model`'s engine, and answer; leaving aborts what still runs."""
+    stats, config = request[STATS], request.app[CONFIG]
+    reservation = admit(model, config, gen, renderer.prompt_param)
     stats.num_prompt_tokens = sum(len(p) for p in gen.prompts)
-    run = ChoiceRun(engine, renderer.response_id, gen.prompts, gen.params, reservation)
+    run = ChoiceRun(model.engine, renderer.response_id, gen.prompts, gen.params, reservation, config.queue_timeout)
     inflight = request.app[INFLIGHT]
     inflight.add(run)
     try:

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from llmserve.engine.async_engine import AsyncEngine
-from llmserve.engine.engine import RequestOutput
+from llmserve.frontend.engine_client import EngineClient, RequestOutput
 from llmserve.server.config import ServerConfig
 from llmserve.server.generation import InflightRuns
 from llmserve.server.metrics import ServerMetrics
 from llmserve.server.models import ModelRegistry
+from llmserve.server.tokenizing import TokenizingWorker
 
 
 @dataclass(slots=True)
@@ -50,7 +50,7 @@ class RequestStats:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
-ENGINE = web.AppKey("engine", AsyncEngine)  # the first model's engine, when create_app was given one
+ENGINE = web.AppKey("engine", EngineClient)  # the first model's engine client, when create_app was given one
 MODELS = web.AppKey("models", ModelRegistry)
 CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
@@ -58,4 +58,5 @@ INFLIGHT = web.AppKey("inflight", InflightRuns)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 ABORT_NOW = web.AppKey("abort_now", asyncio.Event)  # set by a second signal: stop waiting, abort in-flight requests
 STARTED = web.AppKey("started", int)  # unix time, the `created` of the model card
+TOKENIZING = web.AppKey("tokenizing", TokenizingWorker)
 STATS = web.RequestKey("stats", RequestStats)

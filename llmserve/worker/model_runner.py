@@ -1,53 +1,44 @@
 """Turns a SchedulerOutput into flat batch tensors, runs the model and samples.
 
-Owns the model, the KV cache (one preallocated tensor, views per layer) and the
-sampler. One device-to-host transfer of sampled ids (and logprobs) per step. `launch`
-queues a step on the device and returns at once; `collect` waits for its tokens. Between
-the two the host can schedule and launch the next step, whose decode inputs may be
-placeholders: their ids are copied on the device from the previous step's samples.
+Owns the model, the KV cache (one preallocated tensor, views per layer), the sampler and
+the per-request state it builds inputs from (request_state.py: token ids, block tables,
+keyed by request id). One device-to-host transfer of sampled ids (and logprobs) per step.
+`launch` queues a step on the device and returns at once; `collect` waits for its tokens
+and returns them as a plain-data ModelRunnerOutput. Between the two the host can schedule
+and launch the next step, whose decode inputs may be tokens still on the device: they are
+copied there from the previous step's samples.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
-from llmserve.worker.block_tables import BlockTableRows
-from llmserve.worker.sampler import Sampler
-from llmserve.core.scheduler import SchedulerOutput
-from llmserve.core.sequence import PLACEHOLDER, Sequence
+from llmserve.core.messages import TokenLogprobs
+from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from llmserve.core.sequence import PLACEHOLDER
 from llmserve.ops.attention import AttentionMetadata
+from llmserve.worker.request_state import RequestState, RequestStates
+from llmserve.worker.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(slots=True)
-class SampledToken:
-    """One sampled token with its log-probabilities when the request asked for them."""
-
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(slots=True)
 class LaunchedStep:
     """A step queued on the device: its sampled ids there, and their copy on the way to the host."""
 
-    out: SchedulerOutput
-    sample_seqs: list[Sequence]  # in batch order, matching the rows of token_ids
-    token_ids: torch.Tensor | None  # [B_sample] on the device; the next step's placeholder inputs
+    sampled: list[tuple[RequestState, int]]  # each sampling request and the index of its pending output, batch order
+    token_ids: torch.Tensor | None  # [B_sample] on the device; the next step's in-flight decode inputs
     host: torch.Tensor | None  # the packed copy being made (pinned on CUDA)
     ready: object | None  # a CUDA event recorded after that copy
     num_top: int  # top logprobs per row in `host`
     has_logprobs: bool
-
-    def row_of(self) -> dict[int, int]:
-        return {id(seq): row for row, seq in enumerate(self.sample_seqs)}
 
 
 @dataclass(slots=True)
@@ -55,9 +46,8 @@ class BatchInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [B_sample]: last token of each sampling sequence
-    order: list[int]  # schedule index of each sequence in batch order (decodes first)
-    sample_seqs: list[Sequence]  # sampling sequences, in batch order
+    logits_indices: torch.Tensor  # [B_sample]: last token of each sampling request
+    sample_states: list[RequestState]  # sampling requests, in batch order
 
 
 def kv_cache_dtype(cache_config: CacheConfig, device_config: DeviceConfig) -> torch.dtype:
@@ -88,7 +78,7 @@ class ModelRunner:
             device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(eos_token_ids=config.eos_token_id)
-        self.block_rows = BlockTableRows(num_rows=2 * max(max_num_seqs, 32))
+        self.requests = RequestStates(num_rows=2 * max(max_num_seqs, 32))
         self.graphs = None
         if self.device.type == "cuda" and not device_config.enforce_eager and max_num_seqs:
             from llmserve.worker.cuda_graphs import DecodeGraphs
@@ -96,28 +86,36 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
                                        scratch_block=num_blocks, block_size=self.block_size)
 
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Run the step; returns one SampledToken per sampling sequence, in schedule order."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step and wait for its samples."""
         return self.collect(self.launch(out))
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue the step on the device (CPU: run it); `previous` supplies placeholder inputs."""
+        """Queue the step on the device (CPU: run it); `previous` supplies in-flight decode inputs."""
         batch = self.prepare_inputs(out, previous)
+        if batch is None:
+            return LaunchedStep([], None, None, None, 0, False)
         hidden = self._forward(batch)
-        if not batch.sample_seqs:
-            return LaunchedStep(out, [], None, None, None, 0, False)
+        if not batch.sample_states:
+            return LaunchedStep([], None, None, None, 0, False)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        result = self.sampler(logits, batch.sample_seqs)
-        return _start_copy(out, batch.sample_seqs, result)
+        result = self.sampler(logits, batch.sample_states)
+        sampled = []
+        for row, state in enumerate(batch.sample_states):  # after sampling: it counts outputs so far
+            state.last_sample_row = row
+            sampled.append((state, len(state.output_token_ids)))
+            state.output_token_ids.append(PLACEHOLDER)
+        return _start_copy(sampled, result)
 
-    def collect(self, step: LaunchedStep) -> list[SampledToken]:
-        """Wait for the step's samples; one SampledToken per sampling sequence, in schedule order."""
-        if not step.sample_seqs:
-            return []
-        sampled = _finish_copy(step)
-        by_seq = dict(zip(map(id, step.sample_seqs), sampled))
-        return [by_seq[id(seq)] for i, seq in enumerate(step.out.seqs) if step.out.samples(i)]
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for the step's samples, record them in the requests' state, return them as plain data."""
+        if not step.sampled:
+            return ModelRunnerOutput()
+        result = _finish_copy(step)
+        for (state, index), token_id in zip(step.sampled, result.sampled_token_ids):
+            state.output_token_ids[index] = token_id  # harmless if the request was dropped meanwhile
+        return result
 
     def _forward(self, batch: BatchInputs) -> torch.Tensor:
         num_seqs = len(batch.meta.query_lens_host)
@@ -126,51 +124,55 @@ class ModelRunner:
             return self.graphs.run(batch.input_ids, batch.positions, batch.meta)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
-    def prepare_inputs(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> BatchInputs:
-        """Flatten scheduled sequences (decodes first) into the model's input tensors."""
-        order = sorted(range(len(out.seqs)), key=lambda i: out.num_scheduled_tokens[i] != 1)
-        input_ids, positions, slots, batch_seqs = [], [], [], []
-        query_lens, context_lens, logits_indices, sample_seqs = [], [], [], []
-        fill_rows, fill_sources = [], []  # placeholder inputs <- rows of previous.token_ids
-        previous_row = previous.row_of() if previous is not None else {}
-        block_size = self.block_size
-        for i in order:
-            seq, num_new = out.seqs[i], out.num_scheduled_tokens[i]
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+    def prepare_inputs(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> BatchInputs | None:
+        """Apply the step to the request states, then flatten its requests (decodes first) into the
+        model's input tensors; None when nothing is scheduled."""
+        self.requests.update(out)
+        if out.is_empty:
+            return None
+        scheduled = out.num_scheduled_tokens.items()
+        decodes = [item for item in scheduled if item[1] == 1]
+        order = decodes + [item for item in scheduled if item[1] != 1]
+        input_ids, positions, slots, request_ids = [], [], [], []
+        query_lens, context_lens, logits_indices, sample_states = [], [], [], []
+        fill_rows, fill_sources = [], []  # in-flight decode inputs <- rows of previous.token_ids
+        states, sampling, block_size = self.requests.states, out.sampling_request_ids, self.block_size
+        for request_id, num_new in order:
+            state = states[request_id]
+            start = state.num_computed_tokens
+            end = start + num_new
             if num_new == 1:  # the common decode case, without per-token generators
-                token = seq.token_at(start)
+                token = state.token_at(start)
                 if token == PLACEHOLDER:
+                    assert previous is not None, f"{request_id}: a token in flight but no previous step"
                     fill_rows.append(len(input_ids))
-                    fill_sources.append(previous_row[id(seq)])
+                    fill_sources.append(state.last_sample_row)
                     token = 0
                 input_ids.append(token)
                 positions.append(start)
-                slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
+                slots.append(state.block_ids[start // block_size] * block_size + start % block_size)
             else:
-                input_ids.extend(seq.token_ids()[start:end])
+                input_ids.extend(state.token_slice(start, end))
                 positions.extend(range(start, end))
-                slots.extend(self._slot(seq, p) for p in range(start, end))
-            batch_seqs.append(seq)
+                slots.extend(state.slot(p, block_size) for p in range(start, end))
+            request_ids.append(request_id)
             query_lens.append(num_new)
             context_lens.append(end)
-            if out.samples(i):
+            if request_id in sampling:
                 logits_indices.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        num_decodes = sum(1 for n in query_lens if n == 1)
+                sample_states.append(state)
+        query_start_loc = list(accumulate(query_lens, initial=0))
         ids, pos, slot, ctx, qsl, logit_idx, rows, sources, table = self._to_device(
-            [input_ids, positions, slots, context_lens, _cumsum0(query_lens), logits_indices, fill_rows,
-             fill_sources], self.block_rows.gather(batch_seqs))
+            [input_ids, positions, slots, context_lens, query_start_loc, logits_indices, fill_rows, fill_sources],
+            self.requests.block_rows.gather(request_ids))
         if fill_rows:  # on the device: no wait for the previous step
             ids.index_copy_(0, rows, previous.token_ids.index_select(0, sources))
         meta = AttentionMetadata(
             slot_mapping=slot, block_tables=table, context_lens=ctx, query_start_loc=qsl,
-            num_decodes=num_decodes, max_context_len=max(context_lens),
+            num_decodes=len(decodes), max_context_len=max(context_lens),
             query_lens_host=query_lens, context_lens_host=context_lens)
         return BatchInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logit_idx,
-                           order=order, sample_seqs=sample_seqs)
-
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+                           sample_states=sample_states)
 
     def _to_device(self, vectors: list[list[int]], table: np.ndarray) -> list[torch.Tensor]:
         """One host-to-device copy of every int input; the int32 ones are cast on the device."""
@@ -189,8 +191,7 @@ class ModelRunner:
         return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, rows, sources, as_int32[2].view(table.shape)]
 
 
-
-def _start_copy(out: SchedulerOutput, seqs: list[Sequence], result) -> LaunchedStep:
+def _start_copy(sampled: list[tuple[RequestState, int]], result) -> LaunchedStep:
     """Start the one device-to-host copy of the step: ids, plus logprobs when asked."""
     has_logprobs, k = result.logprobs is not None, 0
     packed = result.token_ids.unsqueeze(1)  # [B, 1]
@@ -206,29 +207,19 @@ def _start_copy(out: SchedulerOutput, seqs: list[Sequence], result) -> LaunchedS
         host.copy_(packed, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-    return LaunchedStep(out, seqs, result.token_ids, host, ready, k, has_logprobs)
+    return LaunchedStep(sampled, result.token_ids, host, ready, k, has_logprobs)
 
 
-def _finish_copy(step: LaunchedStep) -> list[SampledToken]:
+def _finish_copy(step: LaunchedStep) -> ModelRunnerOutput:
     if step.ready is not None:
         step.ready.synchronize()
-    rows = step.host.tolist()
+    request_ids = [state.request_id for state, _ in step.sampled]
     if not step.has_logprobs:
-        return [SampledToken(row[0]) for row in rows]
-    k = step.num_top
-    tokens = []
-    for row, seq in zip(rows, step.sample_seqs):
-        token = SampledToken(int(row[0]))
-        if seq.params.logprobs is not None:
-            token.logprob = row[1]
-            n = min(seq.params.logprobs, k)
-            token.top_logprobs = [(int(row[2 + j]), row[2 + k + j]) for j in range(n)]
-        tokens.append(token)
-    return tokens
-
-
-def _cumsum0(values: list[int]) -> list[int]:
-    out = [0]
-    for v in values:
-        out.append(out[-1] + v)
-    return out
+        return ModelRunnerOutput(request_ids, step.host.view(-1).tolist())
+    rows, k = step.host.tolist(), step.num_top
+    logprobs = []
+    for row, (state, _) in zip(rows, step.sampled):
+        asked = state.params.logprobs
+        top = None if asked is None else [(int(row[2 + j]), row[2 + k + j]) for j in range(min(asked, k))]
+        logprobs.append(None if asked is None else TokenLogprobs(row[1], top))
+    return ModelRunnerOutput(request_ids, [int(row[0]) for row in rows], logprobs)

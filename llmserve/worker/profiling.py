@@ -6,10 +6,9 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, EngineConfig
-from llmserve.worker.model_runner import ModelRunner
-from llmserve.core.scheduler import SchedulerOutput
-from llmserve.core.sequence import Sequence
+from llmserve.core.scheduler_output import single_prefill
 from llmserve.sampling_params import SamplingParams
+from llmserve.worker.model_runner import ModelRunner
 
 
 def cuda_kv_budget(model, model_config: ModelConfig, config: EngineConfig) -> int:
@@ -36,9 +35,5 @@ def _warm_up(model, model_config: ModelConfig, config: EngineConfig, num_tokens:
     num_blocks = -(-num_tokens // block_size)
     cache = CacheConfig(block_size=block_size, num_blocks=num_blocks)
     runner = ModelRunner(model, model_config, cache, config.device, num_blocks)
-    seq = Sequence("warmup", [1] * num_tokens, SamplingParams(max_tokens=1), max_output_tokens=1)
-    seq.block_table = list(range(num_blocks))
-    out = SchedulerOutput()
-    out.add(seq, num_tokens)
-    runner.execute(out)
+    runner.execute(single_prefill("warmup", [1] * num_tokens, SamplingParams(max_tokens=1), list(range(num_blocks))))
     del runner

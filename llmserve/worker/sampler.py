@@ -32,7 +32,7 @@ class SamplerOutput:
 
 
 class SamplingRow(Protocol):
-    """What the sampler reads of each sequence (core.sequence.Sequence fits)."""
+    """What the sampler reads of each request (the runner's RequestState fits)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]

@@ -1,0 +1,168 @@
+"""AsyncLLM: the EngineClient the server uses, over any CoreClient (in this process or another one).
+
+`generate()` sends the request to the core and reads its own asyncio queue. One output-handler task
+reads the core's per-step messages, turns them into text deltas with the OutputProcessor, routes
+each delta to its request's queue and tells the core to stop the requests a stop string ended.
+When the core dies, or output handling fails, every open request ends with EngineDeadError at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from llmserve.core.messages import EngineCoreOutputs, EngineCoreRequest, ModelInfo, SchedulerStats
+from llmserve.core.request_check import check_request
+from llmserve.frontend.core_client import CoreClient
+from llmserve.frontend.engine_client import EngineDeadError, QueueTimeoutError, RequestOutput
+from llmserve.frontend.output_processor import OutputProcessor
+from llmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+# finish reasons that end a stream with an error instead of a final delta
+QUEUE_TIMEOUT = "queue_timeout"  # never scheduled within its queue timeout
+ERROR = "error"  # the engine failed this request alone (TensorRT-LLM reports such errors; its log says why)
+
+
+class AsyncLLM:
+    """Many concurrent `generate()` streams over one engine core; lives on one event loop."""
+
+    def __init__(self, core: CoreClient, tokenizer=None):
+        self.core = core
+        self.tokenizer = tokenizer
+        self.processor = OutputProcessor(tokenizer)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._handler: asyncio.Task | None = None
+        self._dead: EngineDeadError | None = None
+        self._stats = SchedulerStats()
+        self._num_sent = 0  # requests sent to the core
+        self._num_received = 0  # of those, how many the core had taken when it computed `_stats`
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.core.info
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        assert self._handler is None, "AsyncLLM is already started"
+        await self.core.start()
+        self._handler = asyncio.create_task(self._handle_outputs(), name="llmserve-output-handler")
+
+    async def stop(self) -> None:
+        """Abort every open request (each ends with 'abort'), stop the output handler and the core."""
+        for request_id in list(self._queues):
+            self.abort(request_id)
+        if self._handler is not None:
+            self._handler.cancel()
+            await asyncio.gather(self._handler, return_exceptions=True)
+        self._dead = self._dead or EngineDeadError("the engine is stopped")
+        await self.core.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        return (self._handler is not None and not self._handler.done() and self._dead is None
+                and self.core.is_alive)
+
+    # ---- requests -------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError when the request can never run (empty prompt, ids out of range, too long)."""
+        check_request(self.info, prompt_token_ids, params)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       queue_timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes; closing the iterator early aborts it."""
+        queue = self._send(request_id, prompt_token_ids, params, queue_timeout)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                if item.finish_reason in (QUEUE_TIMEOUT, ERROR):
+                    raise _stream_error(item.finish_reason, queue_timeout)
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def _send(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              queue_timeout: float | None) -> asyncio.Queue:
+        """Check the request, track it and queue it for the core, with no await in between."""
+        if not self.is_running:
+            raise self._dead or EngineDeadError("the engine is not running")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        self.processor.add_request(request_id, prompt_token_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self.core.add_request(EngineCoreRequest(request_id, list(prompt_token_ids), params, time.time(),
+                                                queue_timeout))
+        self._num_sent += 1
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        """End the request now; its stream yields a final 'abort' delta and the core frees its blocks."""
+        queue = self._queues.pop(request_id, None)
+        if queue is None:
+            return
+        final = self.processor.abort(request_id)
+        self.core.abort_requests([request_id])
+        queue.put_nowait(final)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Waiting in the core at its latest step, plus sent since and not yet taken by it."""
+        return self._stats.num_waiting + self._num_sent - self._num_received
+
+    def stats(self) -> SchedulerStats:
+        return self._stats
+
+    # ---- the output handler -------------------------------------------------------------------
+    async def _handle_outputs(self) -> None:
+        try:
+            while True:
+                self._process(await self.core.get_output())
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError as exc:
+            logger.error("the engine died: %s", exc)
+            self._fail_all(exc)
+        except Exception as exc:  # a bug here must not leave a request hanging
+            logger.exception("processing the engine's output failed; ending every request")
+            self._fail_all(EngineDeadError(f"processing the engine's output failed: {exc}"))
+
+    def _process(self, outputs: EngineCoreOutputs) -> None:
+        if outputs.stats is not None:
+            self._stats, self._num_received = outputs.stats, outputs.num_requests_received
+        deltas, stopped = self.processor.process(outputs)
+        if stopped:
+            self.core.abort_requests(stopped)
+        for delta in deltas:
+            queue = self._queues.get(delta.request_id)
+            if queue is not None:
+                queue.put_nowait(delta)
+                if delta.finished:
+                    del self._queues[delta.request_id]
+
+    def _fail_all(self, exc: EngineDeadError) -> None:
+        """End every open request with `exc`; from now on the client is not running."""
+        self._dead = exc
+        request_ids = list(self._queues)
+        for request_id, queue in self._queues.items():
+            self.processor.abort(request_id)
+            queue.put_nowait(exc)
+        self._queues.clear()
+        if request_ids and self.core.is_alive:
+            self.core.abort_requests(request_ids)
+
+
+def _stream_error(finish_reason: str, queue_timeout: float | None) -> Exception:
+    if finish_reason == QUEUE_TIMEOUT:
+        waited = f" {queue_timeout:g} s" if queue_timeout is not None else ""
+        return QueueTimeoutError(f"the request waited{waited} in the queue without starting (the server is "
+                                 f"overloaded); retry later")
+    return RuntimeError("the engine could not finish this request (the server log says why)")
