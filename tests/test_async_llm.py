@@ -117,7 +117,9 @@ async def test_a_request_never_scheduled_within_its_queue_timeout_fails_and_a_ru
     with pytest.raises(QueueTimeoutError, match="0.05 s"):
         await collect(client, "waiting", greedy(3), queue_timeout=0.05)
     outputs += [output async for output in running]
-    assert outputs[-1].finish_reason == "length" and len(outputs) == 200
+    # it was not read while the other waited: its deltas of that time arrive merged, none lost
+    assert outputs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outputs) == 200
+    assert outputs[-1].num_output_tokens == 200
     assert engine.num_generation_tokens_total == 200, "the timed-out request never ran"
     await client.stop()
 
@@ -165,3 +167,17 @@ async def test_stop_ends_open_streams_with_abort_and_frees_every_block(engine):
     rest = [output async for output in stream]
     assert rest[-1].finish_reason == "abort" and engine.kv.num_used_blocks == 0
     assert not engine.has_unfinished_requests()
+
+
+async def test_a_reader_that_falls_behind_gets_the_missed_deltas_merged_in_order(engine):
+    client = await started(engine)
+    live = [output async for output in client.generate("live", PROMPT, greedy(24))]
+    late_stream = client.generate("late", PROMPT, greedy(24))
+    first = await late_stream.__anext__()
+    await asyncio.sleep(0.5)  # the engine runs on; the reader does not
+    late = [first] + [output async for output in late_stream]
+    assert len(late) < len(live) == 24, "nothing was merged: the reader was never behind"
+    assert [t for o in late for t in o.new_token_ids] == [t for o in live for t in o.new_token_ids]
+    assert "".join(o.new_text for o in late) == "".join(o.new_text for o in live)
+    assert late[-1].finished and late[-1].finish_reason == "length" and late[-1].num_output_tokens == 24
+    await client.stop()

@@ -1,8 +1,8 @@
 """AsyncLLM: the EngineClient the server uses, over any CoreClient (in this process or another one).
 
-`generate()` sends the request to the core and reads its own asyncio queue. One output-handler task
+`generate()` sends the request to the core and reads its own OutputStream. One output-handler task
 reads the core's per-step messages, turns them into text deltas with the OutputProcessor, routes
-each delta to its request's queue and tells the core to stop the requests a stop string ended.
+each delta to its request's stream and tells the core to stop the requests a stop string ended.
 When the core dies, or output handling fails, every open request ends with EngineDeadError at once.
 """
 
@@ -33,7 +33,7 @@ class AsyncLLM:
         self.core = core
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}  # request id -> its undelivered deltas
         self._handler: asyncio.Task | None = None
         self._dead: EngineDeadError | None = None
         self._stats = SchedulerStats()
@@ -52,7 +52,7 @@ class AsyncLLM:
 
     async def stop(self) -> None:
         """Abort every open request (each ends with 'abort'), stop the output handler and the core."""
-        for request_id in list(self._queues):
+        for request_id in list(self._streams):
             self.abort(request_id)
         if self._handler is not None:
             self._handler.cancel()
@@ -73,13 +73,11 @@ class AsyncLLM:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        queue_timeout: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas until it finishes; closing the iterator early aborts it."""
-        queue = self._send(request_id, prompt_token_ids, params, queue_timeout)
+        stream = self._send(request_id, prompt_token_ids, params, queue_timeout)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.get()
                 finished = item.finished
                 if item.finish_reason in (QUEUE_TIMEOUT, ERROR):
                     raise _stream_error(item.finish_reason, queue_timeout)
@@ -89,29 +87,29 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def _send(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-              queue_timeout: float | None) -> asyncio.Queue:
+              queue_timeout: float | None) -> "OutputStream":
         """Check the request, track it and queue it for the core, with no await in between."""
         if not self.is_running:
             raise self._dead or EngineDeadError("the engine is not running")
-        if request_id in self._queues:
+        if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         self.processor.add_request(request_id, prompt_token_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        stream = OutputStream()
+        self._streams[request_id] = stream
         self.core.add_request(EngineCoreRequest(request_id, list(prompt_token_ids), params, time.time(),
                                                 queue_timeout))
         self._num_sent += 1
-        return queue
+        return stream
 
     def abort(self, request_id: str) -> None:
         """End the request now; its stream yields a final 'abort' delta and the core frees its blocks."""
-        queue = self._queues.pop(request_id, None)
-        if queue is None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
             return
         final = self.processor.abort(request_id)
         self.core.abort_requests([request_id])
-        queue.put_nowait(final)
+        stream.put(final)
 
     @property
     def num_waiting_requests(self) -> int:
@@ -142,22 +140,62 @@ class AsyncLLM:
         if stopped:
             self.core.abort_requests(stopped)
         for delta in deltas:
-            queue = self._queues.get(delta.request_id)
-            if queue is not None:
-                queue.put_nowait(delta)
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put(delta)
                 if delta.finished:
-                    del self._queues[delta.request_id]
+                    del self._streams[delta.request_id]
 
     def _fail_all(self, exc: EngineDeadError) -> None:
         """End every open request with `exc`; from now on the client is not running."""
         self._dead = exc
-        request_ids = list(self._queues)
-        for request_id, queue in self._queues.items():
+        request_ids = list(self._streams)
+        for request_id, stream in self._streams.items():
             self.processor.abort(request_id)
-            queue.put_nowait(exc)
-        self._queues.clear()
+            stream.put(exc)
+        self._streams.clear()
         if request_ids and self.core.is_alive:
             self.core.abort_requests(request_ids)
+
+
+class OutputStream:
+    """One request's deltas not yet read. While the reader is behind (a busy API process), new deltas merge
+    into the pending one, so that one wake-up of the reader carries every token made since its last one."""
+
+    __slots__ = ("pending", "error", "ready")
+
+    def __init__(self):
+        self.pending: RequestOutput | None = None
+        self.error: BaseException | None = None  # raised once the pending delta was read
+        self.ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        elif self.pending is None:
+            self.pending = item
+        else:
+            self.pending = merge_outputs(self.pending, item)
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        while self.pending is None and self.error is None:
+            self.ready.clear()
+            await self.ready.wait()
+        if self.pending is None:
+            raise self.error
+        item, self.pending = self.pending, None
+        return item
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One delta equal to `first` followed by `then`: tokens and text joined, totals and ending from `then`."""
+    logprobs = None
+    if first.new_logprobs is not None or then.new_logprobs is not None:
+        logprobs = (first.new_logprobs or []) + (then.new_logprobs or [])
+    return RequestOutput(first.request_id, first.new_token_ids + then.new_token_ids, first.new_text + then.new_text,
+                         then.finished, then.finish_reason, then.stop_reason, then.num_prompt_tokens,
+                         then.num_output_tokens, then.num_cached_tokens, logprobs)
 
 
 def _stream_error(finish_reason: str, queue_timeout: float | None) -> Exception:

@@ -96,8 +96,14 @@ class ChoiceRun:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._num_unfinished = len(self.request_ids)
+        # One choice (the common case) is read straight from the engine: no pump task, one wake-up per delta
+        self._single = None
 
     async def __aenter__(self) -> "ChoiceRun":
+        if len(self._jobs) == 1:
+            (prompt, params), = self._jobs
+            self._single = self.engine.generate(self.request_ids[0], prompt, params, queue_timeout=self.queue_timeout)
+            return self
         self._pumps = [asyncio.create_task(self._pump(i, rid, prompt, params))
                        for i, (rid, (prompt, params)) in enumerate(zip(self.request_ids, self._jobs))]
         return self
@@ -105,6 +111,8 @@ class ChoiceRun:
     async def __aexit__(self, *exc_info) -> None:
         self.reservation.release_all()  # the choices whose pump never started
         self.abort()
+        if self._single is not None:
+            await self._single.aclose()
         for task in self._pumps:
             task.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
@@ -125,7 +133,10 @@ class ChoiceRun:
     async def __anext__(self) -> tuple[int, RequestOutput]:
         if self._num_unfinished == 0:
             raise StopAsyncIteration
-        index, item = await self._queue.get()
+        if self._single is not None:
+            index, item = 0, await self._next_single()
+        else:
+            index, item = await self._queue.get()
         if isinstance(item, EngineDeadError):
             raise APIError(503, str(item), code="engine_not_ready") from item
         if isinstance(item, ValueError):  # the engine refused the request after all
@@ -135,6 +146,16 @@ class ChoiceRun:
         if item.finished:
             self._num_unfinished -= 1
         return index, item
+
+    async def _next_single(self) -> RequestOutput | BaseException:
+        if self.reservation.num_slots:
+            self.reservation.hand_over()  # the first step of generate() sends the request, before any await
+        try:
+            return await self._single.__anext__()
+        except StopAsyncIteration:  # generate() ends after the final delta, which was counted already
+            raise RuntimeError("the engine ended a request without a final delta") from None
+        except Exception as exc:  # the same handling as a pump's
+            return exc
 
     async def _pump(self, index: int, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         self.reservation.hand_over()  # generate() sends the choice before its first await
