@@ -138,8 +138,10 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600.0) -> f
 
 
 def run_server(path: Path, concurrency: int, num: int, max_seqs: int, chunk: int, out_dir: Path, device: str,
-               extra: list[str], label: str) -> dict:
-    """A fresh server, a warm-up on other prompts, then workload T at `concurrency`; the bench's aggregates."""
+               extra: list[str], label: str, bench_warmup: bool = True, passes: int = 1) -> dict:
+    """A fresh server, a warm-up on other prompts, then workload T at `concurrency`; the bench's aggregates.
+    Without `bench_warmup`, the first pass meets the server as it came up; `passes` > 1 runs workload T again
+    on other prompts (seeds 1, 2, ...) and reports each pass's throughput."""
     port = free_port()
     serve = [sys.executable, "-m", "llmserve.cli", "serve", "--model", str(path), "--device", device,
              "--port", str(port), "--max-num-seqs", str(max_seqs), "--max-model-len", "4096",
@@ -152,17 +154,22 @@ def run_server(path: Path, concurrency: int, num: int, max_seqs: int, chunk: int
         bench = [sys.executable, "-m", "llmserve.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
                  "--model", "m", "--endpoint", "completions", "--dataset", "random", "--no-progress",
                  "--ignore-eos", "--output-len", "256"]
-        subprocess.run([*bench, "--num-prompts", "48", "--seed", "99", "--output-len", "32",
-                        "--concurrency", "48"], cwd=REPO, check=True, capture_output=True)  # warm-up, other ids
-        result_file = out_dir / f"server-{label}.json"
-        subprocess.run([*bench, "--num-prompts", str(num), "--seed", "0", "--concurrency", str(concurrency),
-                        "--out", str(result_file), "--metrics-interval-ms", "0"], cwd=REPO, check=True,
-                       capture_output=True)
-        run = json.loads(result_file.read_text())["runs"][0]
-        agg = run["aggregates"]
+        if bench_warmup:
+            subprocess.run([*bench, "--num-prompts", "48", "--seed", "99", "--output-len", "32",
+                            "--concurrency", "48"], cwd=REPO, check=True, capture_output=True)  # other ids
+        runs = []
+        for seed in range(passes):
+            result_file = out_dir / f"server-{label}{'' if seed == 0 else f'-pass{seed + 1}'}.json"
+            subprocess.run([*bench, "--num-prompts", str(num), "--seed", str(seed), "--concurrency",
+                            str(concurrency), "--out", str(result_file), "--metrics-interval-ms", "0"], cwd=REPO,
+                           check=True, capture_output=True)
+            runs.append(json.loads(result_file.read_text())["runs"][0])
+        agg = runs[0]["aggregates"]
         return {"concurrency": concurrency, "startup_to_healthy_s": ready_s, "command": " ".join(serve),
-                "output_tok_s": agg["output_throughput"], "ttft_ms": {k: 1e3 * agg["ttft"][k] for k in ("p50", "p99")},
-                "itl_ms": {k: 1e3 * agg["itl"][k] for k in ("p50", "p99")}, "requests": run["requests"]}
+                "bench_warmup": bench_warmup, "output_tok_s": agg["output_throughput"],
+                "ttft_ms": {k: 1e3 * agg["ttft"][k] for k in ("p50", "p99")},
+                "itl_ms": {k: 1e3 * agg["itl"][k] for k in ("p50", "p99")}, "requests": runs[0]["requests"],
+                "passes_output_tok_s": [r["aggregates"]["output_throughput"] for r in runs]}
     finally:
         proc.send_signal(2)
         try:
@@ -184,6 +191,9 @@ def main() -> int:
     parser.add_argument("--api-server-counts", default="1", help="comma-separated --api-server-count values")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script with --model tiny")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="no offline run, no bench warm-up: two passes of workload T on each fresh server, "
+                             "with the engine's start-up warm-up and without it (--no-warmup)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--log-dir", default=None, help="server logs and bench results (default: beside --out)")
     args = parser.parse_args()
@@ -198,8 +208,18 @@ def main() -> int:
     result = {"workload": "E", "model": args.model, "card": card,
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "command": " ".join(sys.argv), "checkpoint_seconds": time.monotonic() - start,
-              "offline": run_offline(path, args.num_prompts, args.max_num_seqs, args.device, args.max_num_batched_tokens),
               "server": []}
+    if args.cold_start:
+        for warmup in ("--warmup", "--no-warmup"):
+            run = run_server(path, int(args.concurrency.split(",")[0]), args.num_prompts, args.max_num_seqs,
+                             args.max_num_batched_tokens, out_dir, args.device, [*args.serve_arg, warmup],
+                             label=f"cold{warmup[1:]}", bench_warmup=False, passes=2)
+            result["server"].append(run)
+            print(json.dumps(run), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return 0
+    result["offline"] = run_offline(path, args.num_prompts, args.max_num_seqs, args.device,
+                                    args.max_num_batched_tokens)
     print(json.dumps(result["offline"]), flush=True)
     for level in map(int, args.concurrency.split(",")):
         for count in map(int, args.api_server_counts.split(",")):

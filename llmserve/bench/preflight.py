@@ -1,4 +1,5 @@
-"""Checks before the run: the server answers, accepts the key and serves `--model` (GET /v1/models)."""
+"""Checks before the run: the server answers, accepts the key and serves `--model` (GET /v1/models, then
+GET /v1/models/{model} for a name the list leaves out, such as an alias)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,17 @@ async def check_model(endpoint: EndpointConfig, warn: Callable[[str], None]) -> 
         warn(f"GET {url} gave no model list (HTTP {status}): not checking that the server serves "
              f"{endpoint.model!r}")
         return
-    if endpoint.model not in served:
+    if endpoint.model not in served and not await _retrievable(f"{url}/{endpoint.model}", endpoint):
         raise BenchError(not_served_message(endpoint.model, served))
+
+
+async def _retrievable(url: str, endpoint: EndpointConfig) -> bool:
+    """Whether GET /v1/models/{name} answers 200: an alias the list leaves out (llmserve's `default`)."""
+    try:
+        status, _ = await _get_json(url, endpoint)
+    except (asyncio.TimeoutError, aiohttp.ClientError):
+        return False
+    return status == 200
 
 
 def served_model_ids(body) -> list[str] | None:
