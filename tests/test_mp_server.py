@@ -292,3 +292,40 @@ def test_bad_process_flags_get_one_line(flags, message):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("error:") and message in result.stderr and "Traceback" not in result.stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after `timeout` seconds (empty when every one ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
+def test_a_dead_api_process_stops_the_whole_server_nonzero(checkpoint, tmp_path):
+    with served(checkpoint, "--api-server-count", "2", tmp_path=tmp_path) as server:
+        children = sorted(server.spawned())
+        api = children[1:]  # the supervisor starts the core first, then the API processes
+        assert len(children) == 3
+        os.kill(api[0], signal.SIGKILL)
+        assert server.process.wait(15) == 1
+        assert wait_gone(children, 10) == [], "a process of the server outlived it"
+    assert "stopping the server (exit status 1" in server.log_text()
+
+
+def test_killing_the_supervisor_leaves_no_process_behind(checkpoint, tmp_path):
+    with served(checkpoint, "--api-server-count", "2", tmp_path=tmp_path) as server:
+        children = server.spawned()
+        assert len(children) == 3
+        server.process.kill()
+        server.process.wait(5)
+        # the core sees its spawner's pipe close and exits; the API processes then see the core gone
+        assert wait_gone(children, 15) == [], "orphaned processes kept running"
