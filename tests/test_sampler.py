@@ -262,3 +262,28 @@ def test_cuda_sampling_never_syncs_and_seeds_are_batch_independent():
     assert int(out.token_ids[0]) == int(logits[0].float().argmax())
     alone = sampler(logits[2:3], _mixed_cuda_rows(seeded_only=True))
     assert int(alone.token_ids[0]) == int(out.token_ids[2])
+
+
+def test_a_uniform_draw_of_exactly_zero_never_picks_an_improbable_token(monkeypatch):
+    # float32 uniforms are exactly 0 once in 2^24 draws: over a 49k vocabulary that happened about
+    # once every 340 sampled tokens, and -log(1 - u) = 0 then made a token of probability e^-80 win
+    logits = torch.zeros(1, 1000)
+    logits[0, 7] = 80.0  # the only sensible token; every other one has probability ~1.8e-35
+    real_rand_like = torch.rand_like
+
+    def rand_with_a_zero(like, *args, **kwargs):
+        u = real_rand_like(like, *args, **kwargs)
+        u[:, 123] = 0.0  # the draw for an improbable token
+        return u
+
+    monkeypatch.setattr(torch, "rand_like", rand_with_a_zero)
+    tokens = Sampler()(logits, [make_row(temperature=1.0)]).token_ids
+    assert tokens.tolist() == [7]
+
+
+def test_exponential_draws_are_positive_at_both_ends_of_the_uniform_range():
+    from llmserve.worker.sampler import exponential_from_uniform
+
+    noise = exponential_from_uniform(torch.tensor([0.0, 0.5, 1.0 - 2.0 ** -24]))
+    assert noise[0] == math.inf and bool((noise > 0).all())
+    assert noise[1].item() == pytest.approx(math.log(2))
