@@ -237,3 +237,26 @@ async def test_joining_an_address_where_no_core_runs_fails_quickly(tmp_path):
     with pytest.raises(EngineDeadError, match="no engine core answered"):
         await client.start()
     assert not client.is_alive
+
+
+async def test_outputs_that_already_arrived_are_taken_without_waiting_and_in_order(shared_core, tiny_checkpoint):
+    client = await joined_client(shared_core)
+    try:
+        await asyncio.sleep(0.2)
+        while client.get_output_nowait() is not None:  # stats the core sent after the handshake
+            pass
+        assert client.get_output_nowait() is None  # nothing sent, nothing there: no wait, no error
+        client.add_request(EngineCoreRequest("drained", PROMPTS["medium"], greedy(16, ignore_eos=True)))
+        await asyncio.sleep(1.0)  # the core finishes the request meanwhile: its messages wait in the socket
+        tokens, finished = [], False
+        first = await asyncio.wait_for(client.get_output(), 5)
+        for message in [first, *iter(client.get_output_nowait, None)]:
+            for output in message.outputs:
+                tokens += output.new_token_ids
+                finished = finished or output.finished
+        assert finished and len(tokens) == 16
+        expected = in_process_tokens(tiny_engine_config(str(tiny_checkpoint)),
+                                     {"drained": (PROMPTS["medium"], greedy(16, ignore_eos=True))})
+        assert tokens == expected["drained"]
+    finally:
+        await client.shutdown()

@@ -23,6 +23,7 @@ from llmserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 # finish reasons that end a stream with an error instead of a final delta
 QUEUE_TIMEOUT = "queue_timeout"  # never scheduled within its queue timeout
+MAX_STEPS_PER_TURN = 64  # steps processed at once before the readers get the loop (bounds their wait)
 ERROR = "error"  # the engine failed this request alone (TensorRT-LLM reports such errors; its log says why)
 
 
@@ -121,9 +122,18 @@ class AsyncLLM:
 
     # ---- the output handler -------------------------------------------------------------------
     async def _handle_outputs(self) -> None:
+        # Every step that has already arrived is processed before the readers run: when this process is
+        # behind the core, each stream then takes several tokens per wake-up and socket write, instead of
+        # the process falling further behind one token at a time.
+        nowait = getattr(self.core, "get_output_nowait", lambda: None)
         try:
             while True:
                 self._process(await self.core.get_output())
+                for _ in range(MAX_STEPS_PER_TURN):
+                    outputs = nowait()
+                    if outputs is None:
+                        break
+                    self._process(outputs)
         except asyncio.CancelledError:
             raise
         except EngineDeadError as exc:

@@ -38,3 +38,7 @@ class CoreClient(Protocol):
 
         Raises EngineDeadError (llmserve.frontend.engine_client) once the core has died or stopped.
         """
+
+    def get_output_nowait(self) -> EngineCoreOutputs | None:
+        """A step's outputs that have already arrived, or None; never waits. (Optional: a client
+        without it is read one step per `get_output`.)"""

@@ -77,6 +77,15 @@ class InprocCoreClient:
             raise item
         return item
 
+    def get_output_nowait(self) -> EngineCoreOutputs | None:
+        try:
+            item = self._outputs.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, EngineDeadError):
+            raise item
+        return item
+
     # ---- the loop -----------------------------------------------------------------------
     async def _run(self) -> None:
         try:

@@ -128,6 +128,19 @@ class MPCoreClient:
                 self._mark_dead(msgspec.msgpack.decode(payload, type=CoreFailed).message)
                 raise EngineDeadError(self._dead)
 
+    def get_output_nowait(self) -> EngineCoreOutputs | None:
+        """Outputs already waiting in the socket, or None; FAILED raises EngineDeadError as get_output does."""
+        while self._dead is None:
+            received = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+            if received.exception() is not None:  # zmq.Again: nothing has arrived
+                return None
+            kind, payload = received.result()
+            if kind == OUTPUTS:
+                return self._outputs.decode(payload)
+            if kind == FAILED:
+                self._mark_dead(msgspec.msgpack.decode(payload, type=CoreFailed).message)
+        raise EngineDeadError(self._dead)
+
     async def _receive(self) -> list[bytes]:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
