@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from llmserve.engine.core_process import LOG_FORMAT, CoreProcess, describe_exit, exit_now
@@ -32,6 +33,7 @@ API_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE_S = 5.0  # once told to abort, how long an API process gets to exit before it is killed
 KILL_AFTER_SIGNALS = 3
+WATCH_S = 1.0  # the longest the supervisor sleeps without looking at its processes
 
 
 def serve_with_api_processes(args: argparse.Namespace) -> int:
@@ -68,6 +70,7 @@ def run_api_process(args: argparse.Namespace, core_address: str, index: int) -> 
         signal.signal(signum, signal.SIG_IGN)
     for signum in API_STOP_SIGNALS:  # until `serve` handles them: stopped before serving, nothing to drain
         signal.signal(signum, _exit_before_serving)
+    _end_with_the_supervisor()
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     if index:  # one banner, not N (a filter, since `serve` sets the announcer's level itself)
         logging.getLogger("llmserve.announce").addFilter(lambda record: record.levelno >= logging.WARNING)
@@ -78,6 +81,21 @@ def run_api_process(args: argparse.Namespace, core_address: str, index: int) -> 
         print(f"error: API process {index}: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     exit_now(status)
+
+
+def _end_with_the_supervisor() -> None:
+    """Stop this API process (drain, abort, then exit 1) once the supervisor is gone, killed with SIGKILL
+    say: it is never left running orphaned, even while still starting and waiting for the core."""
+    supervisor = multiprocessing.parent_process()
+
+    def watch() -> None:
+        multiprocessing.connection.wait([supervisor.sentinel])
+        for signum in API_STOP_SIGNALS:
+            os.kill(os.getpid(), signum)
+        time.sleep(STOP_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="llmserve-supervisor-watch", daemon=True).start()
 
 
 def _exit_before_serving(_signum, _frame) -> None:
@@ -98,9 +116,11 @@ class Supervisor:
         """Wait until every API process has ended; then stop the core. The exit status."""
         previous = {signum: signal.signal(signum, self._on_signal) for signum in RELAYED_SIGNALS}
         try:
-            while self._running():
-                timeout = None if self.kill_at is None else max(self.kill_at - time.monotonic(), 0)
-                multiprocessing.connection.wait([self.core.sentinel] + [p.sentinel for p in self._running()], timeout)
+            while running := self._running():
+                # the sentinels of the processes seen running: one that ends from here on wakes the wait
+                # (computing the list again could miss one that ended in between, and wait for the core alone)
+                timeout = WATCH_S if self.kill_at is None else min(max(self.kill_at - time.monotonic(), 0), WATCH_S)
+                multiprocessing.connection.wait([self.core.sentinel] + [p.sentinel for p in running], timeout)
                 self._check()
         finally:
             for signum, handler in previous.items():
