@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -185,3 +186,22 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02):
             assert value, f"condition not met within {timeout}s"
             return value
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server started in a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def health_latencies(session, base_url: str, done) -> list[float]:
+    """GET /health every 20 ms until `done()` is true; each answer's latency in seconds (each must be 200)."""
+    latencies = []
+    while not done():
+        began = time.perf_counter()
+        async with session.get(base_url + "/health") as response:
+            assert response.status == 200
+        latencies.append(time.perf_counter() - began)
+        await asyncio.sleep(0.02)
+    return latencies

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import make_hf_llama
-from tests.server_helpers import metric_values, smollm2_tokenizer_or_none
+from tests.server_helpers import free_port, health_latencies, metric_values, smollm2_tokenizer_or_none
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
@@ -39,12 +38,6 @@ def checkpoint(tmp_path_factory) -> Path:
                   max_position_embeddings=1024).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Served:
@@ -248,15 +241,8 @@ def test_health_answers_fast_while_the_core_is_busy(checkpoint, tmp_path):
                         await response.read()
 
         async def probe() -> list[float]:
-            latencies = []
             async with aiohttp.ClientSession() as session:
-                while not stop.is_set():
-                    began = time.perf_counter()
-                    async with session.get(base + "/health") as response:
-                        assert response.status == 200
-                    latencies.append(time.perf_counter() - began)
-                    await asyncio.sleep(0.02)
-            return latencies
+                return await health_latencies(session, base, stop.is_set)
 
         clients = [asyncio.create_task(client()) for _ in range(16)]
         probing = asyncio.create_task(probe())

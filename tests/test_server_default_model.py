@@ -9,7 +9,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.server_helpers import metric_values, start_server, wait_until
+from tests.server_helpers import free_port, metric_values, start_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -81,20 +81,12 @@ async def test_32_streams_16_hang_up_rest_complete_and_kv_is_freed(default_serve
     assert values["llmserve_requests_running"] == 0 and values["llmserve_requests_waiting"] == 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_cli_serve_then_chat_then_sigint():
     import signal
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "llmserve.cli", "serve", "--model", "default", "--port",
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

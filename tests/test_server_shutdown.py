@@ -21,7 +21,7 @@ from llmserve.cli import main
 from llmserve.server.app import ABORT_GRACE_S, RUNNER_SHUTDOWN_S
 from llmserve.server.config import ServerConfig
 from tests.conftest import make_hf_llama
-from tests.server_helpers import metric_values
+from tests.server_helpers import free_port, metric_values
 
 USER = [{"role": "user", "content": "Hello there."}]
 LONG_STREAM = {"messages": USER, "max_tokens": 900, "ignore_eos": True, "stream": True}
@@ -39,17 +39,11 @@ def tiny_checkpoint(tokenizer, tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServeProcess:
     """`llmserve serve` in a subprocess; its stderr is collected line by line as it arrives."""
 
     def __init__(self, checkpoint, *flags: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmserve.cli", "serve", "--model", str(checkpoint), "--port", str(self.port),
              "--num-blocks", "128", "--no-access-log", *flags],

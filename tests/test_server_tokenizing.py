@@ -8,20 +8,9 @@ import time
 import aiohttp
 
 from llmserve.server.tokenizing import TokenizingWorker
-from tests.server_helpers import make_tiny_engine, start_server
+from tests.server_helpers import health_latencies, make_tiny_engine, start_server
 
 HUGE_PROMPT = "The quick brown fox jumps over the lazy dog. 日本語のテキスト " * 20_000  # 1.3 MB, 1 s to encode
-
-
-async def _health_latencies(session, url: str, until: asyncio.Future) -> list[float]:
-    latencies = []
-    while not until.done():
-        started = time.monotonic()
-        async with session.get(url + "/health") as response:
-            assert response.status == 200
-        latencies.append(time.monotonic() - started)
-        await asyncio.sleep(0.02)
-    return latencies
 
 
 async def test_health_answers_quickly_while_a_huge_prompt_is_tokenized(tokenizer):
@@ -31,7 +20,7 @@ async def test_health_answers_quickly_while_a_huge_prompt_is_tokenized(tokenizer
             huge = asyncio.ensure_future(session.post(server.v1 + "/completions",
                                                       json={"prompt": HUGE_PROMPT, "max_tokens": 1}))
             started = time.monotonic()
-            latencies = await _health_latencies(session, server.base_url, huge)
+            latencies = await health_latencies(session, server.base_url, huge.done)
             response = await huge
             tokenized_for = time.monotonic() - started
             error = (await response.json())["error"]
