@@ -21,8 +21,8 @@ try:
 except ImportError:  # CPU-only installs: only the torch twins run
     triton = tl = None
 
-    def _jit(fn):
-        return fn
+    def _jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -123,7 +123,7 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-@_jit
+@_jit(do_not_specialize_on_alignment=["pos_ptr"])  # positions may be a slice: no variant per offset
 def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0)

@@ -24,10 +24,17 @@ try:
 except ImportError:  # the kernels stay plain functions that nothing calls
     triton = tl = None
 
-    def _jit(fn):
-        return fn
+    def _jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)
 
 LOG2_E = 1.4426950408889634
+# Triton compiles one variant per specialization of its arguments (an int divisible by 16, a pointer
+# 16-byte aligned). The block-table width of an eager batch and the slices that start after the decode
+# rows change those from step to step, so each new combination compiled inside a user's step (seconds
+# on a cold cache, the first minute of a fresh server); these arguments are only read as scalars, so
+# they are not specialized and the start-up warm-up covers every variant.
+_STEP_VARYING = dict(do_not_specialize=["stride_tb"],
+                     do_not_specialize_on_alignment=["table_ptr", "query_start_loc_ptr", "context_lens_ptr"])
 MAX_DECODE_SPLITS = 64
 MIN_SPLIT_TOKENS = 64  # a split shorter than one tile only adds reduce work
 
@@ -69,7 +76,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, start, h
     return acc, m_new, l_i
 
 
-@_jit
+@_jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr, out_ptr, part_ptr, qk_scale,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb, stride_kb, stride_ks, stride_kh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -128,7 +135,7 @@ def _decode_reduce_kernel(part_ptr, out_ptr, stride_ob, stride_oh,
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-@_jit
+@_jit(**_STEP_VARYING)
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
                     qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_tb, stride_kb, stride_ks, stride_kh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -170,7 +177,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, query_start_loc_
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@_jit
+@_jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_kt, stride_kh, stride_vt,
                      stride_vh, stride_cb, stride_cs, stride_ch, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
