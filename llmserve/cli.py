@@ -74,11 +74,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 weights with dynamic int8 activations (about 2x faster decode)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                        help="tensor-parallel ranks, one worker process each (gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1,
+                        help="pipeline stages (layers split across them), tp ranks each")
+    parser.add_argument("--dist-timeout", type=float, default=120.0,
+                        help="seconds a rank may wait on another inside a step before the engine stops "
+                             "(a rank died or hung)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
     """The EngineConfig of the engine flags; ValueError names the first invalid value."""
-    from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+    from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     kv_bytes = int(args.kv_cache_memory * (1 << 30)) if args.kv_cache_memory else None
@@ -92,7 +99,8 @@ def engine_config_from_args(args: argparse.Namespace):
                                   max_waiting=getattr(args, "max_waiting", 1024),
                                   async_scheduling=args.async_scheduling),
         device=DeviceConfig(device=args.device, dtype=dtype, enforce_eager=args.enforce_eager,
-                            quantization=args.quantization))
+                            quantization=args.quantization),
+        parallel=ParallelConfig(args.tp, args.pp, args.dist_timeout))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -127,6 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         result = llm.generate(args.prompt, params)[0]
     print(result.outputs[0].text)
+    llm.shutdown()
     return 0
 
 

@@ -68,6 +68,27 @@ class DeviceConfig:
 
 
 @dataclass(slots=True)
+class ParallelConfig:
+    """Tensor x pipeline parallel ranks, one worker process each (rank 0 is the engine core's)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # a collective (all-reduce, stage hand-off, sampled-token broadcast) waiting longer than this
+    # means a rank died or hung: the step fails and the engine stops
+    step_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.pipeline_parallel_size >= 1,
+               f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        _check(self.step_timeout_s > 0, f"step_timeout_s must be positive, got {self.step_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs besides the model weights."""
 
@@ -75,6 +96,7 @@ class EngineConfig:
     cache: CacheConfig | None = None
     scheduler: SchedulerConfig | None = None
     device: DeviceConfig | None = None
+    parallel: ParallelConfig | None = None
     seed: int = 0
     # the server runs the engine core in its own process; True keeps it in the API process (debugging)
     engine_in_process: bool = False
@@ -85,6 +107,9 @@ class EngineConfig:
         self.cache = self.cache or CacheConfig()
         self.scheduler = self.scheduler or SchedulerConfig()
         self.device = self.device or DeviceConfig()
+        self.parallel = self.parallel or ParallelConfig()
+        _check(self.parallel.world_size == 1 or self.device.quantization is None,
+               "int8 quantization runs with tp=1 and pp=1 only")
         _check(self.cache.kv_cache_dtype == "auto" or self.device.device.startswith("cuda"),
                "kv_cache_dtype fp8 needs CUDA (the CPU kernels are float32)")
 

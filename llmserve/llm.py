@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+from llmserve.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from llmserve.frontend.chat_template import encode_chat
 from llmserve.engine.engine import Engine
 from llmserve.core.sampled_token import SampledToken
@@ -40,9 +40,11 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, max_model_len: int = 8192, enable_prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  seed: int = 0, engine: Engine | None = None):
         self.engine = engine or Engine.from_config(EngineConfig(
             model=model, seed=seed,
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),
@@ -50,6 +52,16 @@ class LLM:
                                       max_num_seqs=max_num_seqs, max_model_len=max_model_len),
             device=DeviceConfig(device=device, dtype=dtype)))
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a parallel engine (tp or pp > 1); the object is unusable after."""
+        self.engine.core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

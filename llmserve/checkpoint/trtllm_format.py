@@ -29,7 +29,9 @@ def is_trtllm_checkpoint(path: str | Path) -> bool:
 class TrtllmCheckpoint:
     """A converted checkpoint directory; shards are read lazily, one tensor at a time."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_ranks: list[int] | None = None) -> None:
+        """`check_ranks`: the shards whose tensor names are checked now (default: all; a parallel rank
+        reads only its own)."""
         self.path = Path(path)
         raw = json.loads((self.path / "config.json").read_text())
         self.config = ModelConfig.from_trtllm(raw)
@@ -37,7 +39,7 @@ class TrtllmCheckpoint:
         missing = [p.name for p in map(self.rank_path, range(self.mapping.world_size)) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{self.path} lacks rank shards {missing} for mapping {self.mapping}")
-        for rank in range(self.mapping.world_size):
+        for rank in range(self.mapping.world_size) if check_ranks is None else check_ranks:
             self._check_tensor_names(rank)
 
     def rank_path(self, rank: int) -> Path:
@@ -45,8 +47,11 @@ class TrtllmCheckpoint:
 
     def _check_tensor_names(self, rank: int) -> None:
         """Raise when rank `rank`'s file holds tensors the model would not use, or lacks ones it needs."""
-        with safe_open(self.rank_path(rank), framework="pt") as shard:
-            held = set(shard.keys())
+        try:
+            with safe_open(self.rank_path(rank), framework="pt") as shard:
+                held = set(shard.keys())
+        except Exception as exc:  # safetensors' own messages do not name the file
+            raise ValueError(f"{self.rank_path(rank)} is not a readable safetensors file: {exc}") from None
         wanted = rank_tensor_names(self.config, self.mapping, rank)
         unused = sorted(held - set(wanted))
         if unused:

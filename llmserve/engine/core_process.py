@@ -65,6 +65,8 @@ def run_engine_core(config: bytes | None, address: str, control: multiprocessing
     socket.bind(address)
     control.send_bytes(READY + msgspec.msgpack.encode(CoreReady(core.info, os.getpid())))
     status = CoreBusyLoop(core, socket, control).run()
+    if not status and hasattr(core, "shutdown"):
+        core.shutdown()  # a parallel engine's workers leave the process group (after a failure they exit on their own)
     socket.close(linger=FAILED_FLUSH_MS if status else 0)
     context.term()
     exit_now(status)

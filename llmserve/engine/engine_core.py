@@ -7,6 +7,7 @@ the API process (the offline `LLM`, tests) and alone in the engine-core process.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 
@@ -32,18 +33,35 @@ class EngineCore:
     """Owns scheduler, KV cache manager and model runner; not thread-safe."""
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, config: EngineConfig,
-                 num_blocks: int | None = None, tokenizer_path: str | None = None):
+                 num_blocks: int | None = None, tokenizer_path: str | None = None, ranks=None):
+        """`ranks` (worker/parallel_runner.Ranks): rank 0 of a tp x pp engine, `model` its part."""
         self.model_config = model_config
         self.config = config
-        num_blocks = num_blocks or self._num_blocks_from_budget(model)
+        self.ranks = ranks
+        if ranks is None:
+            num_blocks = num_blocks or num_kv_blocks(model, model_config, config)
+        else:
+            from llmserve.worker.parallel_runner import kv_blocks_for_rank
+
+            num_blocks = num_blocks or kv_blocks_for_rank(model, ranks.local_config(), config, ranks.parallel)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.max_model_len = min(config.scheduler.max_model_len, model_config.max_position_embeddings,
                                  num_blocks * config.cache.block_size)
-        self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks,
-                                  self.max_model_len, config.scheduler.max_num_seqs)
+        if ranks is None:
+            self.runner = ModelRunner(model, model_config, config.cache, config.device, num_blocks,
+                                      self.max_model_len, config.scheduler.max_num_seqs)
+        else:
+            from llmserve.worker.parallel_runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(model, ranks.local_config(), config, num_blocks, ranks.parallel)
+            self.runner.describe_ranks = ranks.describe
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
         async_scheduling = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
+        if ranks is not None:
+            self.async_scheduling = False  # the ranks step together, one step at a time
+            # before multiprocessing's own exit hook, which would wait on workers that wait on us
+            atexit.register(self.shutdown)
         self._in_flight: tuple[LaunchedStep, AdvancedStep] | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -66,10 +84,16 @@ class EngineCore:
         from llmserve.models.loader import load_model
 
         path = resolve_model(config.model, progress=progress)
-        torch.manual_seed(config.seed)
-        model_config, model = load_model(path, config.device.device, config.device.dtype,
-                                         config.device.quantization)
-        core = cls(model, model_config, config, tokenizer_path=str(path))
+        if config.parallel.world_size > 1:
+            from llmserve.worker.parallel_runner import start_ranks
+
+            ranks = start_ranks(str(path), config, progress)
+            core = cls(ranks.model, ranks.model_config, config, tokenizer_path=str(path), ranks=ranks)
+        else:
+            torch.manual_seed(config.seed)
+            model_config, model = load_model(path, config.device.device, config.device.dtype,
+                                             config.device.quantization)
+            core = cls(model, model_config, config, tokenizer_path=str(path))
         if config.device.device.startswith("cuda") if config.warmup is None else config.warmup:
             from llmserve.engine.warmup import warm_up
 
@@ -77,20 +101,16 @@ class EngineCore:
                      f"{warm_up(core):.1f} s")
         return core
 
-    def _num_blocks_from_budget(self, model) -> int:
-        cache = self.config.cache
-        if cache.num_blocks:
-            return cache.num_blocks
-        per_block = kv_bytes_per_block(self.model_config, cache.block_size, kv_cache_dtype(cache, self.config.device))
-        budget = cache.kv_cache_memory_bytes or self._default_kv_budget(model)
-        return max(budget // per_block, 1)
-
-    def _default_kv_budget(self, model) -> int:
-        if not self.config.device.device.startswith("cuda"):
-            return DEFAULT_CPU_KV_BYTES
-        from llmserve.worker.profiling import cuda_kv_budget
-
-        return cuda_kv_budget(model, self.model_config, self.config)
+    def shutdown(self) -> None:
+        """Stop the worker ranks of a parallel engine (nothing to do for one rank); idempotent."""
+        ranks, self.ranks = self.ranks, None
+        if ranks is not None:
+            try:
+                self.runner.stop_workers()
+            except RuntimeError:  # a rank is gone already: the others end with their connections
+                logger.debug("stopping the worker ranks", exc_info=True)
+            finally:
+                ranks.stop()
 
     def _model_info(self, num_blocks: int, tokenizer_path: str | None) -> ModelInfo:
         device, cache = self.config.device, self.config.cache
@@ -209,6 +229,24 @@ class EngineCore:
             logprobs = [result.logprobs[row]]
         return EngineCoreOutput(seq.request_id, [token_id], logprobs, finish_reason, stop_reason,
                                 seq.num_cached_tokens)
+
+
+def num_kv_blocks(model, local_config: ModelConfig, config: EngineConfig) -> int:
+    """KV blocks that fit this process's budget: the configured count, else the CPU budget or, on CUDA,
+    the memory left after a worst-case step, over the bytes one block takes in `local_config`'s layers."""
+    cache = config.cache
+    if cache.num_blocks:
+        return cache.num_blocks
+    per_block = kv_bytes_per_block(local_config, cache.block_size, kv_cache_dtype(cache, config.device))
+    if cache.kv_cache_memory_bytes:
+        budget = cache.kv_cache_memory_bytes
+    elif not config.device.device.startswith("cuda"):
+        budget = DEFAULT_CPU_KV_BYTES
+    else:
+        from llmserve.worker.profiling import cuda_kv_budget
+
+        budget = cuda_kv_budget(model, local_config, config)
+    return max(budget // per_block, 1)
 
 
 def _never_scheduled(seq: Sequence) -> bool:

@@ -56,7 +56,8 @@ class InprocCoreClient:
             self._pending.append(AbortRequests(list(self._request_ids)))
             self._apply_pending()
             self._drain()
-
+            if hasattr(self.core, "shutdown"):
+                self.core.shutdown()  # a parallel engine's worker processes
     @property
     def is_alive(self) -> bool:
         return self._task is not None and not self._task.done() and self._dead is None

@@ -6,6 +6,12 @@ Legend: T tokens in the step's flat batch, E hidden size, H query heads, Hkv KV 
 D head dim, I intermediate size, V vocabulary, N cache blocks, S block size.
 Module names follow the TensorRT-LLM checkpoint (`transformer.layers.{i}.attention.qkv`,
 `mlp.fc` = gate, `mlp.gate` = up, ...), so a converted rank shard loads as is.
+
+Tensor and pipeline parallel: a rank builds its stage's layers with its share of the heads and
+MLP columns (`rank_config`); the attention output and MLP down projections are row-parallel, so
+their partial sums are all-reduced before the residual add; the embedding and the LM head split
+the vocabulary (V padded to a multiple of tp). A later stage starts from the hidden states and
+residual the previous stage sends, and only the last stage has the final norm and the LM head.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.ops.attention import REFERENCE_BACKEND, AttentionBackend, AttentionMetadata
 from llmserve.ops.fused import add_rms_norm, rms_norm, rope_, silu_and_mul
+from llmserve.worker.parallel import ParallelState, rank_config, single_rank
 
 
 class RMSNorm(nn.Module):
@@ -78,9 +85,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, parallel: ParallelState):
         super().__init__()
         self.backend = attention
+        self.parallel = parallel
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -103,29 +111,30 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [N, S, Hkv, D] each
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        return self.dense(out.view(-1, self.q_size))
+        return self.parallel.all_reduce(self.dense(out.view(-1, self.q_size)))  # row-parallel: sum the ranks
 
 
 class MLP(nn.Module):
     """SwiGLU; gate (TRT `mlp.fc`) and up (TRT `mlp.gate`) run as one GEMM."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState):
         super().__init__()
+        self.parallel = parallel
         self.intermediate_size = config.intermediate_size
         self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(silu_and_mul(self.gate_up(x)))  # [T, 2I] -> [T, I] -> [T, E]
+        return self.parallel.all_reduce(self.proj(silu_and_mul(self.gate_up(x))))  # [T, 2I] -> [T, I] -> [T, E]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, parallel: ParallelState):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, attention)
+        self.attention = Attention(config, attention, parallel)
         self.post_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, parallel)
 
     def forward(self, h, residual, positions, rotary, kv_cache, meta):
         """h: the previous sublayer's output, residual: the stream before it (None at layer 0).
@@ -136,53 +145,100 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend):
+class VocabParallelEmbedding(nn.Module):
+    """Rows [tp_rank * n, (tp_rank + 1) * n) of the vocabulary, n = ceil(V / tp); the ranks' lookups are
+    summed (each token's row lives on one rank, the others contribute zeros)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelState):
         super().__init__()
-        self.vocab_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, attention) for _ in range(config.num_hidden_layers))
-        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.parallel = parallel
+        self.rows = -(-vocab_size // parallel.tp_size)
+        self.start = parallel.tp_rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        out = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.parallel.all_reduce(out)
+
+
+class Transformer(nn.Module):
+    """One pipeline stage's part of the model (all of it when pp = 1)."""
+
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, parallel: ParallelState):
+        super().__init__()
+        self.parallel = parallel
+        self.hidden_size = config.hidden_size
+        local = rank_config(config, parallel)
+        self.vocab_embedding = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+                                if parallel.is_first_stage else None)
+        self.layers = nn.ModuleList(DecoderLayer(local, attention, parallel) for _ in range(local.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else None
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        h, residual = self.vocab_embedding(input_ids), None  # [T, E]
+        """Final hidden states [T, E] on the last stage; None on the others, which send theirs on."""
+        if self.vocab_embedding is not None:
+            h, residual = self.vocab_embedding(input_ids), None  # [T, E]
+        else:
+            h, residual = self.parallel.recv_from_previous_stage(input_ids.shape[0], self.hidden_size,
+                                                                 self.layers[0].mlp.proj.weight.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
+        if self.ln_f is None:
+            self.parallel.send_to_next_stage(h, residual)
+            return None
         return self.ln_f.add_forward(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
-    """The whole model: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
+    """The whole model (one rank's part of it when parallel): `forward` gives hidden states,
+    `compute_logits` the vocabulary scores."""
 
-    def __init__(self, config: ModelConfig, attention: AttentionBackend = REFERENCE_BACKEND):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend = REFERENCE_BACKEND,
+                 parallel: ParallelState | None = None):
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config, attention)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        self.parallel = parallel = parallel or single_rank()
+        self.transformer = Transformer(config, attention, parallel)
+        # tied weights share the embedding only when one rank holds both ends of the model
+        own_head = parallel.is_last_stage and (not config.tie_word_embeddings or parallel.world_size > 1)
+        self.lm_head = nn.Linear(config.hidden_size, -(-config.vocab_size // parallel.tp_size) if parallel.world_size > 1
+                                 else config.vocab_size, bias=False) if own_head else None
         self.logits_linear: nn.Module | None = None  # a quantized lm_head replaces the weight matmul
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, meta)  # [T, E]
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor | None:
+        return self.transformer(input_ids, positions, kv_caches, meta)  # [T, E]; None before the last stage
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, E] -> [B, V]; with tp each rank scores its vocabulary rows and the ranks gather them."""
         if self.logits_linear is not None:
             return self.logits_linear(hidden)
         weight = self.transformer.vocab_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)  # [B, V]
+        logits = self.parallel.all_gather_last_dim(F.linear(hidden, weight))
+        return logits[:, :self.config.vocab_size] if self.parallel.tp_size > 1 else logits
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy tp=1 TensorRT-LLM-named tensors into the modules; every weight must arrive."""
+        """Copy one rank's TensorRT-LLM-named tensors (local layer numbers) into the modules; every weight
+        must arrive. The embedding arrives whole and each rank keeps its vocabulary rows."""
         params = dict(self.named_parameters())
         missing = set(params)
+        local_intermediate = rank_config(self.config, self.parallel).intermediate_size
         for name, tensor in tensors:
-            target, rows = _target_of(name, self.config.intermediate_size)
+            target, rows = _target_of(name, local_intermediate)
             if target == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding already holds it
             assert target in params, f"unexpected weight {name}"
             param = params[target]
+            if target == "transformer.vocab_embedding.weight" and self.parallel.tp_size > 1:
+                embedding = self.transformer.vocab_embedding
+                mine = tensor[embedding.start:embedding.start + embedding.rows]
+                tensor = F.pad(mine, (0, 0, 0, embedding.rows - mine.shape[0]))  # the last rank's rows run past V
             dest = param if rows is None else param[rows]
             assert dest.shape == tensor.shape, f"{name}: shape {tuple(tensor.shape)} != {tuple(dest.shape)}"
             dest.copy_(tensor.to(param.dtype))

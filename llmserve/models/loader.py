@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -32,11 +33,12 @@ def checkpoint_tensors(checkpoint):
 
 
 def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
-                reference_attention: bool = False) -> LlamaForCausalLM:
-    """An uninitialised model on `device` (no time wasted on random init)."""
+                reference_attention: bool = False, parallel=None) -> LlamaForCausalLM:
+    """An uninitialised model (one rank's part of it, given `parallel`) on `device`; no time wasted on
+    random init."""
     backend = REFERENCE_BACKEND if reference_attention else select_attention(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend)
+        model = LlamaForCausalLM(config, backend, parallel)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
     return model.eval()
@@ -53,3 +55,40 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
 
         quantize_linears_int8(model)
     return checkpoint.config, model
+
+
+def rank_tensors_of(path: str | Path, parallel, dtype: str) -> tuple[ModelConfig, Iterable[tuple[str, torch.Tensor]]]:
+    """Rank `parallel.rank`'s tensors: its own `rank{r}.safetensors` from a checkpoint converted for this
+    tp x pp, or converted now, one tensor at a time, from a HuggingFace checkpoint."""
+    from llmserve.checkpoint.convert import rank_tensors, validate_mapping
+    from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint, is_trtllm_checkpoint
+
+    mapping, rank = parallel.mapping, parallel.rank
+    if is_trtllm_checkpoint(path):
+        checkpoint = TrtllmCheckpoint(path, check_ranks=[rank])
+        if checkpoint.mapping != mapping:
+            raise ValueError(f"{path} was converted for tp={checkpoint.mapping.tp_size} pp={checkpoint.mapping.pp_size}, "
+                             f"not tp={mapping.tp_size} pp={mapping.pp_size}: convert the HuggingFace checkpoint again "
+                             f"with --tp {mapping.tp_size} --pp {mapping.pp_size}, or serve the HuggingFace directory")
+        return checkpoint.config, _shard_tensors(checkpoint.rank_path(rank))
+    from llmserve.checkpoint.hf import HFCheckpoint
+
+    source = HFCheckpoint(path)
+    validate_mapping(source.config, mapping)
+    return source.config, rank_tensors(source.get, source.config, mapping, rank, DTYPES[dtype])
+
+
+def _shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as shard:
+        for name in shard.keys():
+            yield name, shard.get_tensor(name)
+
+
+def load_rank_model(path: str | Path, parallel, device: str, dtype: str) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """Rank `parallel.rank`'s part of the model at `path`, on `device`."""
+    config, tensors = rank_tensors_of(path, parallel, dtype)
+    model = build_model(config, parallel.device if device.startswith("cuda") else device, dtype, parallel=parallel)
+    model.load_weights(tensors)
+    return config, model

@@ -100,9 +100,13 @@ class ModelRunner:
         if not batch.sample_states:
             return LaunchedStep([], None, None, None, 0, False)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        result = self.sampler(logits, batch.sample_states)
+        return self.sample(logits, batch.sample_states)
+
+    def sample(self, logits: torch.Tensor, states: list[RequestState]) -> LaunchedStep:
+        """Sample a token per row of `logits` [B, V], leave a placeholder in each request until `collect`."""
+        result = self.sampler(logits, states)
         sampled = []
-        for row, state in enumerate(batch.sample_states):  # after sampling: it counts outputs so far
+        for row, state in enumerate(states):  # after sampling: it counts outputs so far
             state.last_sample_row = row
             sampled.append((state, len(state.output_token_ids)))
             state.output_token_ids.append(PLACEHOLDER)
