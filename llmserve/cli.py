@@ -81,6 +81,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist-timeout", type=float, default=120.0,
                         help="seconds a rank may wait on another inside a step before the engine stops "
                              "(a rank died or hung)")
+    parser.add_argument("--dist-init-method", default=None, metavar="tcp://HOST:PORT",
+                        help="where the ranks meet; needed when some run on other hosts (default: a free "
+                             "port on 127.0.0.1)")
+    parser.add_argument("--local-ranks", type=int, default=None,
+                        help="ranks this host runs, rank 0 included; the rest join with `llmserve worker` "
+                             "(default: all)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -100,7 +106,7 @@ def engine_config_from_args(args: argparse.Namespace):
                                   async_scheduling=args.async_scheduling),
         device=DeviceConfig(device=args.device, dtype=dtype, enforce_eager=args.enforce_eager,
                             quantization=args.quantization),
-        parallel=ParallelConfig(args.tp, args.pp, args.dist_timeout))
+        parallel=ParallelConfig(args.tp, args.pp, args.dist_timeout, args.dist_init_method, args.local_ranks))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -139,6 +145,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One rank of a parallel engine whose rank 0 runs on another host; torchrun starts one per GPU."""
+    import os
+
+    from llmserve.checkpoint.pull import resolve_model
+
+    config = engine_config_from_args(args)
+    if not config.parallel.distributed_init_method:
+        raise ValueError("a worker needs --dist-init-method tcp://HOST:PORT: the address rank 0 was given")
+    rank = args.first_rank + int(os.environ.get("LOCAL_RANK", "0"))
+    if not 0 < rank < config.parallel.world_size:
+        raise ValueError(f"rank {rank} is outside 1..{config.parallel.world_size - 1} (tp x pp minus rank 0)")
+    from llmserve.worker.parallel_runner import worker_main
+
+    worker_main(rank, str(resolve_model(args.model, progress=_say)), config, config.parallel.distributed_init_method)
+    return 0
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -160,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    worker = sub.add_parser("worker", help="run ranks of a parallel engine on this host (under torchrun), joining "
+                                           "an engine started elsewhere with --local-ranks and --dist-init-method")
+    add_engine_args(worker)
+    worker.add_argument("--first-rank", type=int, required=True,
+                        help="the global rank of this host's LOCAL_RANK 0 (ranks are pp_rank * tp + tp_rank)")
+    worker.set_defaults(func=cmd_worker)
 
     for register in _optional_commands():
         register(sub)

@@ -173,3 +173,39 @@ def test_the_default_model_gives_the_same_text_at_tp3_pp2_and_both():
     assert len(want.split()) > 10
     for flags in (["--tp", "3"], ["--pp", "2"], ["--tp", "3", "--pp", "2"]):
         assert _generate(*flags) == want, flags
+
+
+def test_ranks_on_a_second_host_join_through_torchrun(tmp_path):
+    """Two "hosts" on localhost: rank 0 and rank 1 under `llmserve generate --local-ranks 2`, ranks 2 and 3 under
+    `torchrun ... -m llmserve.cli worker --first-rank 2`, meeting at one --dist-init-method (tp=2 x pp=2)."""
+    import subprocess
+    import sys
+
+    from tests.server_helpers import free_port, smollm2_tokenizer_or_none
+
+    tokenizer = smollm2_tokenizer_or_none()
+    if tokenizer is None:
+        pytest.skip("the default model's tokenizer is not materialised")
+    path = tmp_path / "tiny"
+    make_hf_llama(0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                  max_position_embeddings=1024).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cli = [sys.executable, "-m", "llmserve.cli"]
+    generate = ["generate", "--model", str(path), "--num-blocks", "64", "--prompt", "Hello there", "--max-tokens", "16"]
+    want = subprocess.run([*cli, *generate], capture_output=True, text=True, timeout=120)
+    assert want.returncode == 0, want.stderr[-2000:]
+    assert want.stdout.strip()
+
+    split = ["--tp", "2", "--pp", "2", "--dist-init-method", f"tcp://127.0.0.1:{free_port()}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "llmserve.cli", "worker", "--model", str(path), "--num-blocks", "64", *split, "--first-rank", "2"]
+    second_host = subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first_host = subprocess.run([*cli, *generate, *split, "--local-ranks", "2"], capture_output=True, text=True,
+                                    timeout=180)
+        assert first_host.returncode == 0, first_host.stderr[-2000:]
+        assert first_host.stdout == want.stdout
+        assert second_host.wait(60) == 0, second_host.stdout.read()[-2000:]
+    finally:
+        if second_host.poll() is None:
+            second_host.kill()

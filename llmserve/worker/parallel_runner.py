@@ -140,10 +140,10 @@ def start_ranks(path: str, config: EngineConfig, progress=print) -> Ranks:
 
     par = config.parallel
     mapping = Mapping(par.tensor_parallel_size, par.pipeline_parallel_size)
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = par.distributed_init_method or f"tcp://127.0.0.1:{_free_port()}"
     context = multiprocessing.get_context("spawn")
     workers, pipes = [], []
-    for rank in range(1, mapping.world_size):
+    for rank in range(1, par.local_ranks or mapping.world_size):
         ours, theirs = context.Pipe()
         worker = context.Process(target=worker_main, name=f"llmserve-rank{rank}", daemon=True,
                                  args=(rank, str(path), config, init_method, theirs, os.getpid()))
@@ -182,11 +182,17 @@ def _wait_until_loaded(workers, pipes) -> None:
             raise RuntimeError(f"rank {rank} failed to start: {message}")
 
 
-def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pipe, parent_pid: int) -> None:
-    """A worker process: load rank `rank`, join the group, then run every step rank 0 broadcasts."""
+def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pipe=None,
+                parent_pid: int | None = None) -> None:
+    """A worker process: load rank `rank`, join the group, then run every step rank 0 broadcasts.
+
+    Spawned by rank 0 it reports on `pipe` and watches `parent_pid`; on another host (`llmserve worker`
+    under torchrun) it has neither, and a load error ends it with the message on its own stderr.
+    """
     from llmserve.models.loader import load_rank_model
 
-    _exit_with_parent(parent_pid)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     # A Ctrl-C or SIGTERM reaches the whole process group; rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -197,9 +203,12 @@ def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pi
         torch.manual_seed(config.seed)
         model_config, model = load_rank_model(path, parallel, config.device.device, config.device.dtype)
     except Exception as exc:  # the message reaches the user through rank 0
+        if pipe is None:
+            raise
         pipe.send(("failed", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-    pipe.send(("loaded", None))
+    if pipe is not None:
+        pipe.send(("loaded", None))
     init_distributed(parallel, init_method, config.device.device, par.step_timeout_s)
     local_config = rank_config(model_config, parallel)
     num_blocks = kv_blocks_for_rank(model, local_config, config, parallel)
