@@ -17,7 +17,7 @@ from llmserve.checkpoint.convert import convert_checkpoint
 from llmserve.llm import LLM
 from llmserve.sampling_params import SamplingParams
 from tests.conftest import make_hf_llama
-from tests.test_mp_server import completion_body, read_stream, served, wait_idle
+from tests.test_mp_server import checkpoint, completion_body, read_stream, served, wait_idle  # noqa: F401 (fixture)
 
 # GQA with one KV head (fewer than tp: duplicated per rank), a vocabulary tp does not divide, odd layers
 SHAPE = dict(vocab_size=251, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -109,16 +109,8 @@ def _grandchildren(pid: int) -> list[int]:
             if parent in children and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def test_the_server_at_tp2_answers_as_one_rank_and_stops_when_a_worker_dies(tmp_path):
-    from tests.server_helpers import smollm2_tokenizer_or_none
-
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    path = tmp_path / "tiny-served"
-    make_hf_llama(0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                  max_position_embeddings=1024).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def test_the_server_at_tp2_answers_as_one_rank_and_stops_when_a_worker_dies(checkpoint, tmp_path):
+    path = checkpoint  # a tiny random LLaMA with the default model's tokenizer
     with LLM(str(path), num_blocks=256, block_size=16) as llm:
         want = llm.generate("Hello there", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     want_text = want[0].outputs[0].text
@@ -175,21 +167,15 @@ def test_the_default_model_gives_the_same_text_at_tp3_pp2_and_both():
         assert _generate(*flags) == want, flags
 
 
-def test_ranks_on_a_second_host_join_through_torchrun(tmp_path):
+def test_ranks_on_a_second_host_join_through_torchrun(checkpoint):
     """Two "hosts" on localhost: rank 0 and rank 1 under `llmserve generate --local-ranks 2`, ranks 2 and 3 under
     `torchrun ... -m llmserve.cli worker --first-rank 2`, meeting at one --dist-init-method (tp=2 x pp=2)."""
     import subprocess
     import sys
 
-    from tests.server_helpers import free_port, smollm2_tokenizer_or_none
+    from tests.server_helpers import free_port
 
-    tokenizer = smollm2_tokenizer_or_none()
-    if tokenizer is None:
-        pytest.skip("the default model's tokenizer is not materialised")
-    path = tmp_path / "tiny"
-    make_hf_llama(0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                  max_position_embeddings=1024).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = checkpoint
     cli = [sys.executable, "-m", "llmserve.cli"]
     generate = ["generate", "--model", str(path), "--num-blocks", "64", "--prompt", "Hello there", "--max-tokens", "16"]
     want = subprocess.run([*cli, *generate], capture_output=True, text=True, timeout=120)
