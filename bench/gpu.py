@@ -32,6 +32,9 @@ MODELS = {
                      intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    # Llama-3-70B's shape: does not fit one H200 in bf16 with room for KV; run it at --tp 4
+    "llama-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                      intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 
 
@@ -125,6 +128,44 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
     return Engine(model, cfg, config)
 
 
+def make_parallel_engine(cfg: ModelConfig, tp: int, pp: int, max_num_seqs: int, max_num_batched_tokens: int,
+                         kv_cache_dtype: str = "auto") -> Engine:
+    """An engine over tp x pp ranks (one worker process each) with random weights that every rank draws
+    by tensor name (llmserve/checkpoint/random_weights.py): no checkpoint files, and the same model at any
+    split, so tp=1 and tp=2 can be compared token for token."""
+    import tempfile
+
+    from llmserve.checkpoint.random_weights import write_random_checkpoint
+    from llmserve.config import ParallelConfig
+
+    hf_config = dict(MODELS[cfg_name(cfg)], architectures=["LlamaForCausalLM"], model_type="llama",
+                     max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+                     head_dim=cfg.head_dim, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    path = write_random_checkpoint(tempfile.mkdtemp(prefix="llmserve-random-"), hf_config, seed=0)
+    config = EngineConfig(
+        model=str(path), cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  max_model_len=4096, max_waiting=100000),
+        device=DeviceConfig("cuda", "bfloat16"), parallel=ParallelConfig(tp, pp))
+    return Engine.from_config(config, progress=lambda message: print(message, file=sys.stderr, flush=True))
+
+
+def cfg_name(cfg: ModelConfig) -> str:
+    return next(name for name, fields in MODELS.items()
+                if fields["hidden_size"] == cfg.hidden_size and fields["num_hidden_layers"] == cfg.num_hidden_layers)
+
+
+def greedy_tokens(engine: Engine, prompts: list[list[int]], out_len: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    tokens = {f"g{i}": [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"g{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    return [tokens[f"g{i}"] for i in range(len(prompts))]
+
+
 def run_engine(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
     """Submit all prompts at once and run to completion; returns timings and token counts."""
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
@@ -148,8 +189,14 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
 
 def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
     results = {}
-    engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager,
-                         args.async_scheduling, args.kv_cache_dtype)
+    world = args.tp * args.pp
+    if world > 1 or args.match_tp1:  # the weights every split draws alike
+        engine = make_parallel_engine(cfg, args.tp, args.pp, args.max_num_seqs, args.max_num_batched_tokens,
+                                      args.kv_cache_dtype)
+    else:
+        engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager,
+                             args.async_scheduling, args.kv_cache_dtype)
+    results["tp"], results["pp"] = args.tp, args.pp
     results["kv_blocks"] = engine.kv.num_blocks
     results["kv_cache_dtype"] = args.kv_cache_dtype
     kv_elem = 1 if args.kv_cache_dtype == "fp8" else 2
@@ -159,7 +206,8 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
         run_engine(engine, [prompt], 8)  # warm-up
         r = run_engine(engine, [prompt], 256)
         r["tpot_ms"] = 1e3 * (r["seconds"] - r["ttft_s"]) / 255
-        r["roofline_tpot_ms"] = 1e3 * (weight_bytes(cfg) + 384 * kv_bytes_per_token(cfg, kv_elem)) / ceil[
+        # per GPU: each tensor rank reads 1/tp of the weights and KV; pipeline stages run one after the other
+        r["roofline_tpot_ms"] = 1e3 * (weight_bytes(cfg) + 384 * kv_bytes_per_token(cfg, kv_elem)) / args.tp / ceil[
             "copy_bandwidth_Bps"]
         results["L"] = r
     if "TTFT" in args.workloads:
@@ -169,11 +217,27 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
         run_engine(engine, prompts[:8], 4)  # warm-up
         r = run_engine(engine, prompts, 256)
         max_conc = min(args.max_num_seqs, engine.kv.num_blocks * 16 // 1280)
-        r["roofline_s"] = roofline_t(cfg, prompts, 256, ceil, max(max_conc, 1), kv_elem)
+        r["roofline_s"] = roofline_t(cfg, prompts, 256, ceil, max(max_conc, 1), kv_elem) / args.tp
         r["roofline_output_tok_s"] = len(prompts) * 256 / r["roofline_s"]
         r["fraction_of_roofline"] = r["output_tok_s"] / r["roofline_output_tok_s"]
         results["T"] = r
+    if args.match_tp1:
+        prompts = [p[:256] for p in workload_t(args.match_tp1)]
+        ours = greedy_tokens(engine, prompts, 32)
+        results["match_tp1"] = {"prompts": len(prompts), "tokens": 32, "tokens_here": ours}
+    engine.core.shutdown()
     del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    if args.match_tp1:  # the same random model on one GPU
+        reference = make_parallel_engine(cfg, 1, 1, args.max_num_seqs, args.max_num_batched_tokens)
+        want = greedy_tokens(reference, prompts, 32)
+        del reference
+        gc.collect()
+        torch.cuda.empty_cache()
+        same = sum(a == b for a, b in zip(ours, want))
+        results["match_tp1"].update(equal_sequences=same, match_rate=same / len(prompts))
+    return results
     gc.collect()
     torch.cuda.empty_cache()
     return results
@@ -289,6 +353,10 @@ def print_table(report: dict) -> None:
             f = ours["TTFT"]
             print(f"{name} TTFT ({f['prompt_len']} tokens, idle): {f['ttft_ms']:.1f} ms; compute floor "
                   f"{f['compute_floor_ms']:.1f} ms (x{f['ratio_to_floor']:.2f})")
+        if "match_tp1" in ours:
+            m = ours["match_tp1"]
+            print(f"{name} tp={ours['tp']} pp={ours['pp']}: {m['equal_sequences']} of {m['prompts']} greedy sequences "
+                  f"equal one GPU's for {m['tokens']} tokens ({m['match_rate']:.2f})")
         if "L" in ours:
             l_ = ours["L"]
             hf_l = hf.get("L_generate", {}).get("tpot_ms")
@@ -318,8 +386,15 @@ def main() -> None:
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: e4m3 KV cache (the roofline then counts 1 byte per K/V element)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs), random weights per rank")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    parser.add_argument("--match-tp1", type=int, default=0, metavar="N",
+                        help="also run N greedy prompts for 32 tokens here and on one GPU (same random model): "
+                             "the fraction of equal sequences")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.tp * args.pp > 1:
+        args.peers = "none"  # the HF peers run on one GPU
     args.workloads = args.workloads.split(",")
     args.peers = args.peers.split(",")
     import transformers

@@ -51,7 +51,9 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig("cpu", "float32"))
-    return Engine(model, config, engine_config, tokenizer=tokenizer)
+    engine = Engine(model, config, engine_config, tokenizer=tokenizer)
+    engine.hf_source = hf_model  # what a parallel test core loads (LLMSERVE_TEST_TP)
+    return engine
 
 
 def prefill_hidden(engine, tokens: list[int]) -> torch.Tensor:

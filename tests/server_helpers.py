@@ -44,6 +44,10 @@ def smollm2_tokenizer_or_none():
 # Where test servers run their engine core: "process" (as `llmserve serve` does: the model is sent to an
 # engine-core process of its own) or "inproc" (in the test's process: white-box tests, debugging).
 CORE_MODE = os.environ.get("LLMSERVE_TEST_CORE", "process")
+# Tensor-parallel ranks of the test servers' engine core (process mode): 2 runs the server suite on a tp=2
+# engine, its model saved to a folder that each rank loads its shard from (the tiny test models have 4
+# heads; the default model's 9 take 3).
+TEST_TP = int(os.environ.get("LLMSERVE_TEST_TP", "1"))
 
 
 def engine_client(engine, core_mode: str = CORE_MODE) -> AsyncLLM:
@@ -53,9 +57,35 @@ def engine_client(engine, core_mode: str = CORE_MODE) -> AsyncLLM:
         return AsyncLLM(InprocCoreClient(engine.core), engine.tokenizer)
     assert core_mode == "process", f"unknown LLMSERVE_TEST_CORE {core_mode!r}"
     core = engine.core
-    build = functools.partial(EngineCore, core.runner.model, core.model_config, core.config, core.kv.num_blocks,
-                              core.info.tokenizer_path)
+    if TEST_TP > 1:
+        build = functools.partial(_parallel_core, _saved(engine), core.config, core.kv.num_blocks, TEST_TP)
+    else:
+        build = functools.partial(EngineCore, core.runner.model, core.model_config, core.config, core.kv.num_blocks,
+                                  core.info.tokenizer_path)
     return AsyncLLM(MPCoreClient(build=build), engine.tokenizer)
+
+
+def _saved(engine) -> str:
+    """A folder holding the engine's model: the test's HF model saved, or the checkpoint it was loaded from."""
+    import tempfile
+
+    if getattr(engine, "hf_source", None) is None:
+        return engine.core.info.tokenizer_path
+    path = tempfile.mkdtemp(prefix="llmserve-test-tp-")
+    engine.hf_source.save_pretrained(path)
+    if engine.tokenizer is not None:
+        engine.tokenizer.save_pretrained(path)
+    return path
+
+
+def _parallel_core(path: str, config, num_blocks: int, tp: int) -> EngineCore:
+    from dataclasses import replace
+
+    from llmserve.config import ParallelConfig
+
+    config = replace(config, model=path, cache=replace(config.cache, num_blocks=num_blocks),
+                     parallel=ParallelConfig(tensor_parallel_size=tp))
+    return EngineCore.from_config(config, progress=lambda message: None)
 
 
 def make_tiny_engine(tokenizer, *, seed: int = 0, num_blocks: int = 256, block_size: int = 16, **overrides):

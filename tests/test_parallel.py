@@ -94,6 +94,25 @@ def test_a_dead_worker_fails_the_next_step_promptly(hf_dir):
     llm.shutdown()
 
 
+def test_a_hung_worker_fails_the_step_after_the_timeout(hf_dir):
+    from llmserve.config import CacheConfig, EngineConfig, ParallelConfig
+    from llmserve.engine.engine import Engine
+
+    config = EngineConfig(model=str(hf_dir), cache=CacheConfig(block_size=4, num_blocks=64),
+                          parallel=ParallelConfig(tensor_parallel_size=2, step_timeout_s=3))
+    llm = LLM(engine=Engine.from_config(config, progress=lambda message: None))
+    (worker,) = llm.engine.core.ranks.workers
+    os.kill(worker.pid, signal.SIGSTOP)  # alive, holding its connections, doing nothing: a hang
+    try:
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"parallel step failed \(no worker has exited"):
+            llm.generate([[1, 2, 3]], GREEDY)
+        assert time.monotonic() - began < 15
+    finally:
+        worker.kill()
+        llm.shutdown()
+
+
 def _grandchildren(pid: int) -> list[int]:
     """Spawned processes whose parent is a child of `pid` (the workers under `llmserve serve`'s engine core)."""
     parents = {}
@@ -195,3 +214,11 @@ def test_ranks_on_a_second_host_join_through_torchrun(checkpoint):
     finally:
         if second_host.poll() is None:
             second_host.kill()
+
+
+def test_a_random_weights_folder_gives_every_split_the_same_model(tmp_path):
+    """The benchmarks' weightless checkpoint: each rank draws whole tensors by name and keeps its slice."""
+    from llmserve.checkpoint.random_weights import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "random", make_hf_llama(0, **SHAPE).config.to_dict(), seed=3)
+    assert_same(outputs(str(path), 2, 2), outputs(str(path)))

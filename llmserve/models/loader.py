@@ -14,10 +14,14 @@ from llmserve.ops.attention import REFERENCE_BACKEND, select_attention
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def open_checkpoint(path: str | Path):
-    """The checkpoint reader for `path`: TrtllmCheckpoint if converted, else HFCheckpoint."""
+def open_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """The checkpoint reader for `path`: TrtllmCheckpoint if converted, RandomCheckpoint for a benchmark's
+    weightless folder (weights drawn on `device`), else HFCheckpoint."""
+    from llmserve.checkpoint.random_weights import RandomCheckpoint, is_random_checkpoint
     from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint, is_trtllm_checkpoint
 
+    if is_random_checkpoint(path):
+        return RandomCheckpoint(path, device)
     if is_trtllm_checkpoint(path):
         return TrtllmCheckpoint(path)
     from llmserve.checkpoint.hf import HFCheckpoint
@@ -47,7 +51,7 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
                quantization: str | None = None) -> tuple[ModelConfig, LlamaForCausalLM]:
     """Read the checkpoint at `path` into a native model on `device`."""
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path, device)
     model = build_model(checkpoint.config, device, dtype)
     model.load_weights(checkpoint_tensors(checkpoint))
     if quantization == "int8":
@@ -72,8 +76,9 @@ def rank_tensors_of(path: str | Path, parallel, dtype: str) -> tuple[ModelConfig
                              f"with --tp {mapping.tp_size} --pp {mapping.pp_size}, or serve the HuggingFace directory")
         return checkpoint.config, _shard_tensors(checkpoint.rank_path(rank))
     from llmserve.checkpoint.hf import HFCheckpoint
+    from llmserve.checkpoint.random_weights import RandomCheckpoint, is_random_checkpoint
 
-    source = HFCheckpoint(path)
+    source = RandomCheckpoint(path, parallel.device) if is_random_checkpoint(path) else HFCheckpoint(path)
     validate_mapping(source.config, mapping)
     return source.config, rank_tensors(source.get, source.config, mapping, rank, DTYPES[dtype])
 

@@ -97,7 +97,7 @@ class ModelRunner:
         if batch is None:
             return LaunchedStep([], None, None, None, 0, False)
         hidden = self._forward(batch)
-        if not batch.sample_states:
+        if hidden is None or not batch.sample_states:  # None: a pipeline stage before the last (profiling run)
             return LaunchedStep([], None, None, None, 0, False)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
         return self.sample(logits, batch.sample_states)

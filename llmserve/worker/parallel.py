@@ -35,6 +35,7 @@ class ParallelState:
     tp_group: object | None = None  # this stage's tensor-parallel ranks, data backend
     control_group: object | None = None  # every rank, gloo, long timeout: step payloads wait on it
     result_group: object | None = None  # every rank, gloo, step timeout: sampled tokens
+    step_timeout_s: float = 120.0
 
     @property
     def world_size(self) -> int:
@@ -101,16 +102,27 @@ class ParallelState:
 
     # ---- plain data between ranks ----------------------------------------------------------------
     def broadcast_bytes(self, payload: bytes | None, src: int, group) -> bytes:
-        """`payload` from rank `src` to every rank (gloo, CPU tensors): a length, then the bytes."""
+        """`payload` from rank `src` to every rank (gloo, CPU tensors): a length, then the bytes.
+
+        The sender waits at most the step timeout for the receivers, whatever the group's own timeout
+        (the control group's is a year: idle workers wait there for the next step)."""
         size = torch.tensor([len(payload) if self.rank == src else 0], dtype=torch.int64)
-        dist.broadcast(size, src, group=group)
+        self._broadcast(size, src, group)
         if self.rank == src:
             buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
         else:
             buffer = torch.empty(int(size.item()), dtype=torch.uint8)
         if buffer.numel():
-            dist.broadcast(buffer, src, group=group)
+            self._broadcast(buffer, src, group)
         return buffer.numpy().tobytes()
+
+    def _broadcast(self, tensor: torch.Tensor, src: int, group) -> None:
+        if self.rank != src:
+            dist.broadcast(tensor, src, group=group)
+            return
+        work = dist.broadcast(tensor, src, group=group, async_op=True)
+        if not work.wait(timeout=datetime.timedelta(seconds=self.step_timeout_s)):
+            raise RuntimeError(f"a rank did not take the step within {self.step_timeout_s:.0f} s")
 
     def agree_on_min(self, value: int) -> int:
         """The smallest `value` over all ranks (e.g. KV blocks: every rank must hold the pool)."""
@@ -143,6 +155,7 @@ def init_distributed(parallel: ParallelState, init_method: str, device: str, ste
         group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             parallel.tp_group = group
+    parallel.step_timeout_s = step_timeout_s
     parallel.control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     parallel.result_group = dist.new_group(backend="gloo", timeout=timeout)
 
