@@ -32,6 +32,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI's logit_bias: token id -> added to its logit before sampling (greedy too), in [-100, 100]
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +58,11 @@ class SamplingParams:
         _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.logit_bias is not None:
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()} or None
+            _check(all(token >= 0 for token in self.logit_bias or ()), "logit_bias keys must be token ids >= 0")
+            _check(all(-100.0 <= bias <= 100.0 for bias in (self.logit_bias or {}).values()),
+                   "logit_bias values must be in [-100, 100]")
         # torch generators take any int64 or uint64 seed; seed + n - 1 must stay in range
         _check(self.seed is None or -2**63 <= self.seed <= 2**64 - self.n,
                f"seed must be a 64-bit integer, got {self.seed}")

@@ -287,3 +287,28 @@ def test_exponential_draws_are_positive_at_both_ends_of_the_uniform_range():
     noise = exponential_from_uniform(torch.tensor([0.0, 0.5, 1.0 - 2.0 ** -24]))
     assert noise[0] == math.inf and bool((noise > 0).all())
     assert noise[1].item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_logit_bias_forces_bans_and_leaves_other_rows_alone(device):
+    logits = random_logits(4).to(device)
+    best = logits.argmax(dim=-1).tolist()
+    forced, banned = (best[0] + 7) % V, best[1]
+    rows = [make_row(temperature=0.0, logit_bias={forced: 100.0}),
+            make_row(temperature=0.0, logit_bias={banned: -100.0}),
+            make_row(temperature=0.0),
+            make_row(temperature=1.0, seed=3, logit_bias={forced: 100.0, V + 5: 50.0})]  # an id past V: ignored
+    out = Sampler()(logits, rows)
+    picked = out.token_ids.tolist()
+    assert picked[0] == forced and picked[3] == forced
+    assert picked[1] != banned and picked[1] == logits[1].clone().index_fill_(0, torch.tensor([banned], device=device),
+                                                                              float("-inf")).argmax().item()
+    assert picked[2] == best[2]
+
+
+def test_logit_bias_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={3: 100.5})
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        SamplingParams(logit_bias={-1: 1.0})

@@ -38,6 +38,22 @@ def _content(chunks) -> str:
 
 
 # ---- chat ---------------------------------------------------------------------------------
+def test_logit_bias_forces_and_bans_tokens_on_both_endpoints(client, tokenizer):
+    (forced,) = tokenizer.encode(" hello", add_special_tokens=False)
+    pushed = _chat(client, max_tokens=6, temperature=1.0, seed=1, logit_bias={str(forced): 100},
+                   extra_body={"ignore_eos": True})
+    assert pushed.choices[0].message.content == " hello" * 6
+    completion = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert completion.choices[0].text == " hello" * 4
+    plain = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=1, temperature=0)
+    (first,) = tokenizer.encode(plain.choices[0].text, add_special_tokens=False)
+    banned = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text not in ("", plain.choices[0].text)
+
+
+
 def test_streamed_text_joined_equals_non_streamed_text(client):
     whole = _chat(client, max_tokens=24, seed=7, temperature=1.0)
     chunks = _stream_chat(client, max_tokens=24, seed=7, temperature=1.0)

@@ -224,3 +224,8 @@ def test_streams_until_length_and_aborts(engine_dir):
             await engine.stop()
 
     asyncio.run(run())
+
+
+def test_logit_bias_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError, match="logit_bias is not supported"):
+        request_kwargs([1], SamplingParams(logit_bias={5: 10.0}), [2], 100)

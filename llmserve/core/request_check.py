@@ -24,3 +24,5 @@ def check_request(info: ModelInfo, prompt_token_ids: list[int], params: Sampling
     bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
     if bad_stops:
         raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops}")
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")

@@ -22,7 +22,8 @@ from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number,
 
 CHAT_ROLES = ("system", "user", "assistant")
 # fields whose meaning we cannot honour: refusing beats silently ignoring them
-UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+UNSUPPORTED = ("tools", "functions", "suffix")
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows
 # Every generated token is checked against each stop string and stop id, inside the engine step
 # that all requests share: unbounded lists let one request slow every other stream. OpenAI
 # allows 4 stop strings; these bounds leave room for real uses and keep the cost per token small.
@@ -156,6 +157,22 @@ def _prompts(body: dict, tokenizer, limits: Limits) -> tuple[list[list[int]], li
     raise bad_request("'prompt' must not mix strings and token ids, nor hold empty entries", "prompt")
 
 
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias`: an object of token id (as a string) -> bias in [-100, 100]."""
+    value = get_object(body, "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens, got {len(value)}", "logit_bias")
+    bias = {}
+    for key, number in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"'logit_bias' keys must be token ids in [0, {vocab_size - 1}]", "logit_bias")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not -100 <= number <= 100:
+            raise bad_request("'logit_bias' values must be numbers in [-100, 100]", "logit_bias")
+        bias[token] = float(number)
+    return bias or None
+
+
 def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | None,
                      logprobs: int | None, logprobs_field: str) -> SamplingParams:
     for name in UNSUPPORTED:
@@ -178,7 +195,8 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
         stop_token_ids=get_int_list(body, "stop_token_ids", lo=0, hi=limits.vocab_size - 1,
                                     max_items=MAX_STOP_TOKEN_IDS, why=STOP_LIMIT_REASON),
         skip_special_tokens=get_bool(body, "skip_special_tokens", True),
-        include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs)
+        include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs,
+        logit_bias=_logit_bias(body, limits.vocab_size))
     get_str(body, "user")  # accepted for OpenAI compatibility; never logged
     try:
         return SamplingParams(**fields)

@@ -50,6 +50,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "logits must be [len(rows), V]"
         raw = logits.float()
         logits = apply_penalties(raw, rows)
+        logits = apply_logit_bias(logits, rows)
         logits = mask_stop_ids(logits, rows, self.eos_token_ids)
         token_ids = _pick(logits, rows)
         return _with_logprobs(token_ids, raw, rows)
@@ -78,6 +79,20 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         frequency = _column([p.frequency_penalty for p in params], logits)
         logits = logits - frequency * counts - presence * (counts > 0)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Add each row's logit_bias to its logits (one scatter for the batch; ids beyond V are ignored)."""
+    biases = [row.params.logit_bias or {} for row in rows]
+    if not any(biases):
+        return logits
+    num_rows, vocab = logits.shape
+    ids = [[t for t in bias if t < vocab] for bias in biases]
+    index = _padded_ids(ids, vocab, logits.device)  # [B, L], padding V
+    values = _to_device([[bias[t] for t in row] + [0.0] * (index.shape[1] - len(row)) for row, bias in zip(ids, biases)],
+                        torch.float32, logits.device)
+    added = torch.zeros(num_rows, vocab + 1, dtype=torch.float32, device=logits.device).scatter_add_(1, index, values)
+    return logits + added[:, :vocab]
 
 
 def _token_counts(token_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
