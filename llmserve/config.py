@@ -80,12 +80,16 @@ class ParallelConfig:
     distributed_init_method: str | None = None
     # ranks this host runs, rank 0 included; the others join from other hosts (`llmserve worker`)
     local_ranks: int | None = None
+    # steps in flight at once over disjoint requests; None: one per pipeline stage (1: no overlap)
+    pipeline_depth: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         _check(self.pipeline_parallel_size >= 1,
                f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         _check(self.step_timeout_s > 0, f"step_timeout_s must be positive, got {self.step_timeout_s}")
+        _check(self.pipeline_depth is None or self.pipeline_depth >= 1,
+               f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
         _check(self.local_ranks is None or 1 <= self.local_ranks <= self.world_size,
                f"local_ranks must be in [1, {self.world_size}], got {self.local_ranks}")
         _check(self.local_ranks in (None, self.world_size) or self.distributed_init_method is not None,

@@ -65,6 +65,19 @@ def test_every_split_gives_the_tokens_and_logprobs_of_one_rank(hf_dir, reference
     assert_same(outputs(str(hf_dir), tp, pp), reference)
 
 
+def test_two_pipeline_stages_keep_two_steps_in_flight(hf_dir):
+    with LLM(str(hf_dir), pipeline_parallel_size=2, num_blocks=96, block_size=4) as llm:
+        core, in_flight_at_launch = llm.engine.core, []
+        launch = core.runner.launch_step
+
+        def counting_launch(out):
+            in_flight_at_launch.append(len(core._pipeline))
+            launch(out)
+        core.runner.launch_step = counting_launch
+        llm.generate(PROMPTS, GREEDY)
+    assert max(in_flight_at_launch) == 1  # a step launched while the other stage still ran one
+
+
 def test_each_rank_loads_its_own_converted_shard(hf_dir, reference, tmp_path):
     converted = convert_checkpoint(hf_dir, tmp_path / "tp2pp2", tp_size=2, pp_size=2, progress=False)
     assert_same(outputs(str(converted), 2, 2), reference)

@@ -249,3 +249,37 @@ def test_random_traffic_never_leaks_or_overcommits(ops, num_blocks, budget):
     for seq in added:
         if seq.finish_reason is FinishReason.LENGTH:
             assert len(seq.output_token_ids) == seq.max_output_tokens
+
+
+def test_pipeline_micro_batches_are_disjoint_and_share_the_requests():
+    """Two steps in flight (pp=2): the second takes only requests with no token in flight, each an even share."""
+    sched = make_scheduler(num_blocks=32)
+    for i in range(4):
+        sched.add(make_seq(f"r{i}", 3, max_tokens=6, first_token=10 * i + 1))
+    first = sched.schedule(max_seqs=2, skip_pending=True)
+    in_flight = sched.advance(first)
+    second = sched.schedule(max_seqs=2, skip_pending=True)
+    assert set(first.num_scheduled_tokens) == {"r0", "r1"} and set(second.num_scheduled_tokens) == {"r2", "r3"}
+    sched.advance(second)
+    assert sched.schedule(max_seqs=2, skip_pending=True).is_empty  # everyone has a token in flight
+    sched.resolve(in_flight, fake_model_output(first, 7))
+    third = sched.schedule(max_seqs=2, skip_pending=True)
+    assert set(third.num_scheduled_tokens) == {"r0", "r1"}  # back as soon as their tokens are known
+
+
+def test_pipeline_preemption_never_takes_a_request_in_flight():
+    sched = make_scheduler(num_blocks=3, block_size=4)
+    a, b = make_seq("a", 7, max_tokens=8), make_seq("b", 2, max_tokens=8, first_token=50)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # a prefills into 2 blocks, b into 1: the pool is full
+    step_a = sched.schedule(max_seqs=1, skip_pending=True)  # a decodes position 7, still in its second block
+    in_flight_a = sched.advance(step_a)
+    step_b = sched.schedule(max_seqs=1, skip_pending=True)  # a is in flight: b's turn
+    assert set(step_b.num_scheduled_tokens) == {"b"}
+    sched.advance(step_b)
+    sched.resolve(in_flight_a, fake_model_output(step_a, 7))
+    out = sched.schedule(max_seqs=1, skip_pending=True)
+    # a needs a third block; b, the newest, is in flight and never the victim: a gives way itself
+    assert out.preempted_request_ids == ["a"] and out.is_empty
+    assert b.status is SequenceStatus.RUNNING and b.block_table and a.status is SequenceStatus.WAITING

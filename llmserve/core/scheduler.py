@@ -58,26 +58,33 @@ class Scheduler:
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's sequences and token counts under the budget; plain data for the runner."""
+    def schedule(self, max_seqs: int | None = None, skip_pending: bool = False) -> SchedulerOutput:
+        """Pick this step's sequences and token counts under the budget; plain data for the runner.
+
+        Pipeline parallelism keeps several steps in flight over disjoint requests: `skip_pending` leaves
+        out (and never preempts) the requests whose sampled token is still in flight, and `max_seqs` caps
+        this step's share of the running requests, so that the steps in flight split them evenly.
+        """
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         cached, num_scheduled, sampling = out.cached_requests, out.num_scheduled_tokens, out.sampling_request_ids
         budget = self.config.max_num_batched_tokens
+        room = max_seqs if max_seqs is not None else len(self.running) + len(self.waiting)
 
         # Phase 1: running sequences, oldest first; preempt the newest when blocks run out.
         # The runner holds them already: it gets only their new block ids.
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(num_scheduled) < room:
             seq = self.running[index]
-            if len(seq.output_token_ids) >= seq.max_output_tokens:
+            if len(seq.output_token_ids) >= seq.max_output_tokens or (skip_pending and _pending(seq)):
                 index += 1  # its last token is still on the device; it ends when resolved
                 continue
             num_left = seq.num_tokens - seq.num_computed_tokens
             num_new = min(num_left, budget)
             num_blocks = len(seq.block_table)
             while not self.kv.allocate_slots(seq, num_new):
-                victim = self.running.pop()
+                victim = self._victim(skip_pending)  # at worst `seq` itself
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is seq:
@@ -94,7 +101,7 @@ class Scheduler:
 
         # Phase 2: admit waiting sequences, unless memory was short this step. The runner
         # gets them whole (a resumed one with its outputs so far).
-        while self.waiting and budget > 0 and not out.preempted_request_ids:
+        while self.waiting and budget > 0 and not out.preempted_request_ids and len(num_scheduled) < room:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -177,6 +184,11 @@ class Scheduler:
             self.finish(seq, FinishReason.ABORT)
         return seq
 
+    def _victim(self, skip_pending: bool) -> Sequence:
+        """The newest running request that may be preempted: not one in flight, when skipping those (the
+        caller's own request is a candidate, so there always is one)."""
+        return next(seq for seq in reversed(self.running) if not (skip_pending and _pending(seq)))
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
@@ -195,6 +207,11 @@ class Scheduler:
         if num_output >= seq.max_output_tokens:
             return FinishReason.LENGTH
         return None
+
+
+def _pending(seq: Sequence) -> bool:
+    """Its last sampled token is still in flight (a placeholder until its step is resolved)."""
+    return bool(seq.output_token_ids) and seq.output_token_ids[-1] == PLACEHOLDER
 
 
 def _new_request_data(seq: Sequence) -> NewRequestData:

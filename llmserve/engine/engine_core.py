@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from collections import deque
 
 import torch
 
@@ -63,6 +64,9 @@ class EngineCore:
             # before multiprocessing's own exit hook, which would wait on workers that wait on us
             atexit.register(self.shutdown)
         self._in_flight: tuple[LaunchedStep, AdvancedStep] | None = None
+        # pipeline stages: that many steps in flight at once, over disjoint requests
+        self.pipeline_depth = 1 if ranks is None else config.parallel.pipeline_depth or ranks.parallel.mapping.pp_size
+        self._pipeline: deque[AdvancedStep] = deque()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_steps = 0
@@ -143,7 +147,7 @@ class EngineCore:
             self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._pipeline)
 
     def stats(self) -> SchedulerStats:
         kv = self.kv
@@ -164,7 +168,9 @@ class EngineCore:
         """
         self.num_steps += 1
         expired = self._expire_unstarted()
-        if self.async_scheduling:
+        if self.pipeline_depth > 1:
+            outputs = self._step_pipelined()
+        elif self.async_scheduling:
             outputs = self._step_overlapped()
         else:
             out = self.scheduler.schedule()
@@ -200,6 +206,23 @@ class EngineCore:
         outputs = self._finish_in_flight()  # waits for the previous step while this one runs
         self._in_flight = (launched, advanced)
         return outputs
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """Launch a micro-batch of the requests with no token in flight (an even share of them), then, once
+        every stage has one, collect the oldest."""
+        scheduler = self.scheduler
+        share = max(1, -(-(len(scheduler.running) + len(scheduler.waiting)) // self.pipeline_depth))
+        out = scheduler.schedule(max_seqs=share, skip_pending=True)
+        if not out.is_empty:
+            self.runner.launch_step(out)
+            self._pipeline.append(scheduler.advance(out))
+        elif out.finished_request_ids or out.preempted_request_ids:
+            self.runner.launch_step(out)  # nothing runs; the ranks drop those requests' state
+        if not self._pipeline or (len(self._pipeline) < self.pipeline_depth and not out.is_empty):
+            return []
+        advanced = self._pipeline.popleft()
+        result = self.runner.collect_step()
+        return self._outputs(scheduler.resolve(advanced, result), result)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:

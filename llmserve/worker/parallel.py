@@ -15,7 +15,7 @@ way the collective raises, the step fails, and the engine stops.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,8 @@ class ParallelState:
     control_group: object | None = None  # every rank, gloo, long timeout: step payloads wait on it
     result_group: object | None = None  # every rank, gloo, step timeout: sampled tokens
     step_timeout_s: float = 120.0
+    # sends started and not yet known complete, with the tensors they read (kept alive until done)
+    outstanding: list = field(default_factory=list)
 
     @property
     def world_size(self) -> int:
@@ -90,8 +92,10 @@ class ParallelState:
 
     # ---- pipeline parallel ---------------------------------------------------------------------
     def send_to_next_stage(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Hand the stage's output on without waiting: this stage may start the next micro-batch meanwhile."""
         peer = self.mapping.rank(self.tp_rank, self.pp_rank + 1)
-        dist.send(torch.stack([hidden, residual]).contiguous(), peer)
+        both = torch.stack([hidden, residual]).contiguous()
+        self._keep(dist.isend(both, peer), both)
 
     def recv_from_previous_stage(self, num_tokens: int, hidden_size: int,
                                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +119,29 @@ class ParallelState:
         if buffer.numel():
             self._broadcast(buffer, src, group)
         return buffer.numpy().tobytes()
+
+    def post_bytes(self, payload: bytes, group) -> None:
+        """Rank 0: broadcast `payload` to every rank without waiting for them (they take steps in order)."""
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        self._keep(dist.broadcast(size, 0, group=group, async_op=True), size)
+        self._keep(dist.broadcast(buffer, 0, group=group, async_op=True), buffer)
+
+    def send_bytes(self, payload: bytes, dst: int, group) -> None:
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        dist.send(size, dst, group=group)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=group)
+
+    def recv_bytes(self, src: int, group) -> bytes:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=group)
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(buffer, src, group=group)
+        return buffer.numpy().tobytes()
+
+    def _keep(self, work, tensor: torch.Tensor) -> None:
+        self.outstanding = [(w, t) for w, t in self.outstanding if not w.is_completed()]
+        self.outstanding.append((work, tensor))
 
     def _broadcast(self, tensor: torch.Tensor, src: int, group) -> None:
         if self.rank != src:

@@ -1,10 +1,12 @@
 """A tp x pp engine: one process per rank, rank 0 in the engine core's process.
 
-Each step, rank 0 broadcasts the scheduler's plain-data `SchedulerOutput` (msgpack) to every rank;
-every rank applies it to its own request states, runs its stage's part of the forward, and the
-sampling rank (tensor rank 0 of the last stage, which holds the gathered logits) samples and
-broadcasts the `ModelRunnerOutput` back, so every rank's request states stay the same and rank 0
-answers. The scheduler and the KV block pool exist once, in rank 0's engine core; each rank holds
+Each step, rank 0 broadcasts the scheduler's plain-data `SchedulerOutput` (msgpack) to every rank,
+with the sampled tokens of the steps finished since; every rank applies both to its own request
+states and runs its stage's part of the forward. The sampling rank (tensor rank 0 of the last stage,
+which holds the gathered logits) samples and sends the `ModelRunnerOutput` to rank 0, which answers.
+Nobody waits for a step's tokens but rank 0, so with pipeline stages rank 0 keeps one step in flight
+per stage, over disjoint requests (the scheduler skips requests whose token is in flight): stage 0
+runs micro-batch k+1 while stage 1 runs micro-batch k. The scheduler and the KV block pool exist once, in rank 0's engine core; each rank holds
 its share of every block (its layers, its KV heads), so the pool is sized by the rank with the
 least room.
 
@@ -22,6 +24,8 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -30,14 +34,14 @@ import torch
 from llmserve.checkpoint.convert import Mapping
 from llmserve.config import EngineConfig
 from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from llmserve.core.sequence import PLACEHOLDER
 from llmserve.worker.model_runner import LaunchedStep, ModelRunner
 from llmserve.worker.parallel import ParallelState, init_distributed, rank_config, shutdown_distributed
 
 logger = logging.getLogger(__name__)
 STOP = b""  # the step payload that ends the workers' loops
 START_TIMEOUT_S = 600.0  # loading a large shard from a slow disk
-_STEP_ENCODER = msgspec.msgpack.Encoder()
-_STEP_DECODER = msgspec.msgpack.Decoder(SchedulerOutput)
+_ENCODER = msgspec.msgpack.Encoder()
 _OUTPUT_DECODER = msgspec.msgpack.Decoder(ModelRunnerOutput)
 
 
@@ -45,8 +49,32 @@ class RankFailedError(RuntimeError):
     """A rank of a parallel engine died or hung: the step cannot finish, the engine must stop."""
 
 
+class ForwardedResult(msgspec.Struct, array_like=True):
+    """A step's sampled tokens, passed on by rank 0 to the ranks that did not sample them."""
+
+    step_no: int
+    result: ModelRunnerOutput
+
+
+class StepMessage(msgspec.Struct, array_like=True):
+    """What rank 0 broadcasts per step: the batch, and the tokens of steps finished since the last one."""
+
+    step_no: int
+    scheduler_output: SchedulerOutput
+    results: list[ForwardedResult] = []
+
+
+_MESSAGE_DECODER = msgspec.msgpack.Decoder(StepMessage)
+
+
 class ParallelModelRunner(ModelRunner):
-    """One rank's runner: its stage's forward, and the exchange that keeps every rank's requests equal."""
+    """One rank's runner: its stage's forward, with placeholders for tokens sampled on another rank.
+
+    Rank 0 launches steps (broadcast, then its own stage) and collects their results (from the sampling
+    rank) in order; with pipeline stages several steps are in flight, over disjoint requests. A rank that
+    did not sample a step leaves a placeholder in each of its requests and fills it when rank 0 forwards
+    the tokens with a later step, always before a step that reads them.
+    """
 
     def __init__(self, model, local_config, config: EngineConfig, num_blocks: int, parallel: ParallelState):
         # eager: the CUDA graphs of one rank would capture a stage hand-off; graph capture of the
@@ -54,15 +82,78 @@ class ParallelModelRunner(ModelRunner):
         device = replace(config.device, device=str(parallel.device), enforce_eager=True)
         super().__init__(model, local_config, config.cache, device, num_blocks, 0, config.scheduler.max_num_seqs)
         self.parallel = parallel
+        self._step_no = 0
+        self._placeholders: dict[int, list[tuple[object, int]]] = {}  # step -> (request state, output index)
+        self._in_flight: deque[int] = deque()  # rank 0: launched steps whose tokens are owed, oldest first
+        self._own_results: dict[int, ModelRunnerOutput] = {}  # rank 0 when it samples (one pipeline stage)
+        self._to_forward: list[ForwardedResult] = []
 
     def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        raise NotImplementedError("a parallel engine runs steps synchronously (execute)")
+        raise NotImplementedError("a parallel engine launches with launch_step and collects with collect_step")
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Rank 0: hand the step to every worker, then run this rank's part of it."""
+        """Rank 0, one step at a time."""
+        self.launch_step(out)
+        return self.collect_step() if not out.is_empty else ModelRunnerOutput()
+
+    def launch_step(self, out: SchedulerOutput) -> None:
+        """Rank 0: hand the step to every rank and run this rank's stage of it; its tokens come from
+        `collect_step`, in launch order."""
+        with self._failures():
+            self._step_no += 1
+            message = StepMessage(self._step_no, out, self._to_forward)
+            self._to_forward = []
+            self.parallel.post_bytes(_ENCODER.encode(message), self.parallel.control_group)
+            self.run_stage(message)
+            if not out.is_empty:
+                self._in_flight.append(self._step_no)
+
+    def collect_step(self) -> ModelRunnerOutput:
+        """Rank 0: the sampled tokens of the oldest step in flight."""
+        with self._failures():
+            step_no = self._in_flight.popleft()
+            if self.parallel.is_sampler:
+                result = self._own_results.pop(step_no)
+            else:
+                payload = self.parallel.recv_bytes(self.parallel.sampler_rank, self.parallel.result_group)
+                result = _OUTPUT_DECODER.decode(payload)
+                self._fill(step_no, result)
+            self._to_forward.append(ForwardedResult(step_no, result))
+            return result
+
+    @torch.inference_mode()
+    def run_stage(self, message: StepMessage) -> None:
+        """Every rank: take the forwarded tokens, then run this rank's part of the step."""
+        for forwarded in message.results:
+            self._fill(forwarded.step_no, forwarded.result)
+        parallel = self.parallel
+        batch = self.prepare_inputs(message.scheduler_output)
+        if batch is None:
+            return
+        states = batch.sample_states
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        logits = None
+        if hidden is not None and states:  # the last stage: every tensor rank joins the gather
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if not parallel.is_sampler:
+            self._placeholders[message.step_no] = [(state, len(state.output_token_ids)) for state in states]
+            for state in states:
+                state.output_token_ids.append(PLACEHOLDER)
+            return
+        result = self.collect(self.sample(logits, states)) if states else ModelRunnerOutput()
+        if parallel.rank == 0:
+            self._own_results[message.step_no] = result
+        else:
+            parallel.send_bytes(_ENCODER.encode(result), 0, parallel.result_group)
+
+    def _fill(self, step_no: int, result: ModelRunnerOutput) -> None:
+        for (state, index), token_id in zip(self._placeholders.pop(step_no, ()), result.sampled_token_ids):
+            state.output_token_ids[index] = token_id  # harmless if the request was dropped meanwhile
+
+    @contextmanager
+    def _failures(self):
         try:
-            self.parallel.broadcast_bytes(_STEP_ENCODER.encode(out), 0, self.parallel.control_group)
-            return self.run_step(out)
+            yield
         except RuntimeError as exc:  # gloo / NCCL: a peer closed its connection or a collective timed out
             raise RankFailedError(f"the tensor/pipeline-parallel step failed ({self.describe_ranks()}): "
                                   f"{str(exc).splitlines()[0]}") from exc
@@ -70,28 +161,6 @@ class ParallelModelRunner(ModelRunner):
     def describe_ranks(self) -> str:
         """Which ranks are gone, as rank 0 sees them (replaced by the engine core with its workers' view)."""
         return "a rank died or hung"
-
-    @torch.inference_mode()
-    def run_step(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        parallel = self.parallel
-        batch = self.prepare_inputs(out)
-        states = batch.sample_states if batch is not None else []
-        step = LaunchedStep([], None, None, None, 0, False)
-        if batch is not None:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-            if hidden is not None and states:  # the last stage: every tensor rank joins the gather
-                logits = self.model.compute_logits(hidden[batch.logits_indices])
-                if parallel.is_sampler:
-                    step = self.sample(logits, states)
-        if parallel.is_sampler:
-            result = self.collect(step)
-            parallel.broadcast_bytes(_STEP_ENCODER.encode(result), parallel.sampler_rank, parallel.result_group)
-            return result
-        result = _OUTPUT_DECODER.decode(
-            parallel.broadcast_bytes(None, parallel.sampler_rank, parallel.result_group))
-        for state, token_id in zip(states, result.sampled_token_ids):
-            state.output_token_ids.append(token_id)
-        return result
 
     def stop_workers(self) -> None:
         """Rank 0: end the workers' step loops (they leave the process group and exit)."""
@@ -153,6 +222,7 @@ def start_ranks(path: str, config: EngineConfig, progress=print) -> Ranks:
         pipes.append(ours)
     try:
         parallel = ParallelState(mapping, 0, _rank_device(config, 0))
+        _share_cpu_cores(config, par.local_ranks or mapping.world_size)
         torch.manual_seed(config.seed)
         model_config, model = load_rank_model(path, parallel, config.device.device, config.device.dtype)
         progress(f"rank 0 of {mapping.world_size} loaded (tp={mapping.tp_size}, pp={mapping.pp_size}); "
@@ -200,6 +270,8 @@ def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pi
     mapping = Mapping(par.tensor_parallel_size, par.pipeline_parallel_size)
     try:
         parallel = ParallelState(mapping, rank, _rank_device(config, rank))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or par.local_ranks or mapping.world_size
+        _share_cpu_cores(config, local_ranks)
         torch.manual_seed(config.seed)
         model_config, model = load_rank_model(path, parallel, config.device.device, config.device.dtype)
     except Exception as exc:  # the message reaches the user through rank 0
@@ -217,8 +289,16 @@ def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pi
         payload = parallel.broadcast_bytes(None, 0, parallel.control_group)
         if payload == STOP:
             break
-        runner.run_step(_STEP_DECODER.decode(payload))
+        runner.run_stage(_MESSAGE_DECODER.decode(payload))
     shutdown_distributed()
+
+
+def _share_cpu_cores(config: EngineConfig, local_ranks: int) -> None:
+    """On CPU, give each of this host's ranks its share of the cores: ranks running at once with a
+    thread per core each oversubscribe them (OpenMP threads spin): pipelined pp=2 on a 2-core machine ran at
+    0.42 of one rank's speed with two threads per rank, 0.64 with one (bench/cpu_parallel.py)."""
+    if not config.device.device.startswith("cuda"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def _status(exitcode: int | None) -> str:
