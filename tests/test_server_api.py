@@ -149,8 +149,21 @@ def test_completion_logprobs_legacy_shape(client, tokenizer):
     assert len(logprobs.tokens) == len(prompt_ids) + 4 == len(logprobs.token_logprobs) == len(logprobs.text_offset)
     assert logprobs.token_logprobs[:len(prompt_ids)] == [None] * len(prompt_ids)
     assert all(lp <= 0 for lp in logprobs.token_logprobs[len(prompt_ids):])
-    assert all(len(top) == 2 for top in logprobs.top_logprobs[len(prompt_ids):])
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[len(prompt_ids):])  # greedy: the sampled one is the top
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("top", [0, 2])
+def test_completion_top_logprobs_always_hold_the_sampled_token(client, top):
+    """OpenAI: up to logprobs + 1 entries, the sampled token among them (logprobs: 0 -> just that one)."""
+    response = client.completions.create(model="tiny", prompt="Hello there", max_tokens=8, logprobs=top,
+                                         temperature=1.0, seed=5)
+    logprobs = response.choices[0].logprobs
+    for token, logprob, entries in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert entries[token] == logprob
+        assert top <= len(entries) <= top + 1
+    if top == 0:
+        assert all(len(entries) == 1 for entries in logprobs.top_logprobs)
 
 
 def test_completion_n_times_prompts_choices(client):

@@ -58,6 +58,8 @@ def completion_logprobs(pieces: TokenPieces, tokens: list[SampledToken], text_of
     """`choices[i].logprobs` of a legacy completion: parallel lists; offsets start at `text_offset`.
 
     Prompt tokens (echo) come as SampledToken with logprob None: the engine does not score prompts.
+    As in OpenAI's API, each `top_logprobs` entry holds up to logprobs + 1 tokens: the top ones and the
+    sampled one (so `logprobs: 0` still gives the sampled token's).
     """
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token in tokens:
@@ -65,7 +67,12 @@ def completion_logprobs(pieces: TokenPieces, tokens: list[SampledToken], text_of
         out["tokens"].append(text)
         out["token_logprobs"].append(token.logprob)
         top = token.top_logprobs
-        out["top_logprobs"].append(None if top is None else {pieces.text(i): lp for i, lp in top})
+        if top is None:
+            out["top_logprobs"].append(None)
+        else:
+            entries = {pieces.text(i): lp for i, lp in top}
+            entries.setdefault(text, token.logprob)
+            out["top_logprobs"].append(entries)
         out["text_offset"].append(text_offset)
         text_offset += len(text)
     return out
