@@ -24,10 +24,10 @@ from llmserve.core.scheduler_output import ModelRunnerOutput
 from llmserve.core.request_check import check_request
 from llmserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
-from llmserve.worker.model_runner import LaunchedStep, ModelRunner, kv_bytes_per_block, kv_cache_dtype
+from llmserve.worker.model_runner import LaunchedStep, ModelRunner, kv_cache_dtype
+from llmserve.worker.profiling import num_kv_blocks
 
 logger = logging.getLogger(__name__)
-DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class EngineCore:
@@ -252,24 +252,6 @@ class EngineCore:
             logprobs = [result.logprobs[row]]
         return EngineCoreOutput(seq.request_id, [token_id], logprobs, finish_reason, stop_reason,
                                 seq.num_cached_tokens)
-
-
-def num_kv_blocks(model, local_config: ModelConfig, config: EngineConfig) -> int:
-    """KV blocks that fit this process's budget: the configured count, else the CPU budget or, on CUDA,
-    the memory left after a worst-case step, over the bytes one block takes in `local_config`'s layers."""
-    cache = config.cache
-    if cache.num_blocks:
-        return cache.num_blocks
-    per_block = kv_bytes_per_block(local_config, cache.block_size, kv_cache_dtype(cache, config.device))
-    if cache.kv_cache_memory_bytes:
-        budget = cache.kv_cache_memory_bytes
-    elif not config.device.device.startswith("cuda"):
-        budget = DEFAULT_CPU_KV_BYTES
-    else:
-        from llmserve.worker.profiling import cuda_kv_budget
-
-        budget = cuda_kv_budget(model, local_config, config)
-    return max(budget // per_block, 1)
 
 
 def _never_scheduled(seq: Sequence) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.ops.attention import REFERENCE_BACKEND, AttentionBackend, AttentionMetadata
 from llmserve.ops.fused import add_rms_norm, rms_norm, rope_, silu_and_mul
-from llmserve.worker.parallel import ParallelState, rank_config, single_rank
+from llmserve.distributed import ParallelState, rank_config, single_rank
 
 
 class RMSNorm(nn.Module):

@@ -36,7 +36,8 @@ from llmserve.config import EngineConfig
 from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from llmserve.core.sequence import PLACEHOLDER
 from llmserve.worker.model_runner import LaunchedStep, ModelRunner
-from llmserve.worker.parallel import ParallelState, init_distributed, rank_config, shutdown_distributed
+from llmserve.worker.profiling import num_kv_blocks
+from llmserve.distributed import ParallelState, init_distributed, rank_config, shutdown_distributed
 
 logger = logging.getLogger(__name__)
 STOP = b""  # the step payload that ends the workers' loops
@@ -169,8 +170,6 @@ class ParallelModelRunner(ModelRunner):
 
 def kv_blocks_for_rank(model, local_config, config: EngineConfig, parallel: ParallelState) -> int:
     """KV blocks this rank has room for, agreed as the minimum over all ranks (every rank calls this)."""
-    from llmserve.engine.engine_core import num_kv_blocks
-
     if config.cache.num_blocks:
         return config.cache.num_blocks  # the same on every rank: nothing to agree on
     return parallel.agree_on_min(num_kv_blocks(model, local_config, config))

@@ -1,4 +1,4 @@
-"""Size the KV cache on CUDA from the memory left after a worst-case warm-up step."""
+"""How many KV blocks fit: a CPU budget, or on CUDA the memory left after a worst-case warm-up step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,25 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, EngineConfig
 from llmserve.core.scheduler_output import single_prefill
 from llmserve.sampling_params import SamplingParams
-from llmserve.worker.model_runner import ModelRunner
+from llmserve.worker.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_dtype
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def num_kv_blocks(model, local_config: ModelConfig, config: EngineConfig) -> int:
+    """KV blocks that fit this process's budget: the configured count, else the CPU budget or, on CUDA,
+    the memory left after a worst-case step, over the bytes one block takes in `local_config`'s layers."""
+    cache = config.cache
+    if cache.num_blocks:
+        return cache.num_blocks
+    per_block = kv_bytes_per_block(local_config, cache.block_size, kv_cache_dtype(cache, config.device))
+    if cache.kv_cache_memory_bytes:
+        budget = cache.kv_cache_memory_bytes
+    elif not config.device.device.startswith("cuda"):
+        budget = DEFAULT_CPU_KV_BYTES
+    else:
+        budget = cuda_kv_budget(model, local_config, config)
+    return max(budget // per_block, 1)
 
 
 def cuda_kv_budget(model, model_config: ModelConfig, config: EngineConfig) -> int:
