@@ -150,6 +150,17 @@ def make_parallel_engine(cfg: ModelConfig, tp: int, pp: int, max_num_seqs: int, 
     return Engine.from_config(config, progress=lambda message: print(message, file=sys.stderr, flush=True))
 
 
+def _time_all_reduces(engine: Engine):
+    """Start timing rank 0's all-reduces (None for one GPU)."""
+    ranks = engine.core.ranks
+    if ranks is None or ranks.parallel.tp_size == 1:
+        return None
+    from llmserve.distributed import CollectiveTimer
+
+    ranks.parallel.all_reduce_timer = CollectiveTimer()
+    return ranks.parallel.all_reduce_timer
+
+
 def cfg_name(cfg: ModelConfig) -> str:
     return next(name for name, fields in MODELS.items()
                 if fields["hidden_size"] == cfg.hidden_size and fields["num_hidden_layers"] == cfg.num_hidden_layers)
@@ -215,7 +226,11 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
     if "T" in args.workloads:
         prompts = workload_t(args.num_requests)
         run_engine(engine, prompts[:8], 4)  # warm-up
+        timer = _time_all_reduces(engine)
         r = run_engine(engine, prompts, 256)
+        if timer is not None:  # rank 0's all-reduces (each tensor rank runs the same ones)
+            r["all_reduce_ms_per_step"] = timer.total_ms() / r["steps"]
+            r["all_reduces_per_step"] = timer.count / r["steps"]
         max_conc = min(args.max_num_seqs, engine.kv.num_blocks * 16 // 1280)
         r["roofline_s"] = roofline_t(cfg, prompts, 256, ceil, max(max_conc, 1), kv_elem) / args.tp
         r["roofline_output_tok_s"] = len(prompts) * 256 / r["roofline_s"]
@@ -345,6 +360,9 @@ def print_table(report: dict) -> None:
             t = ours["T"]
             hf_rate = hf.get("T_generate", {}).get("output_tok_s")
             cb_rate = hf.get("T_generate_batch", {}).get("output_tok_s")
+            if "all_reduce_ms_per_step" in t:
+                print(f"{name} T: all-reduce {t['all_reduce_ms_per_step']:.2f} ms per step on rank 0 "
+                      f"({t['all_reduces_per_step']:.0f} per step) of {1e3 * t['seconds'] / t['steps']:.2f} ms")
             print(f"{name} T: {t['output_tok_s']:.0f} out tok/s ({t['total_tok_s']:.0f} total) in {t['seconds']:.1f} s; "
                   f"roofline {t['roofline_output_tok_s']:.0f} -> {t['fraction_of_roofline']:.2f}; "
                   f"HF generate {_fmt(hf_rate)} (x{_ratio(t['output_tok_s'], hf_rate)}); "

@@ -15,6 +15,8 @@ way the collective raises, the step fails, and the engine stops.
 from __future__ import annotations
 
 import datetime
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,34 @@ import torch.distributed as dist
 from llmserve.checkpoint.convert import Mapping
 
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait for the next step as long as the server idles
+
+
+class CollectiveTimer:
+    """Time spent in this rank's all-reduces (benchmarks): CUDA events on a GPU, wall time on CPU."""
+
+    def __init__(self):
+        self.count = 0
+        self._cpu_s = 0.0
+        self._events: list = []
+
+    @contextmanager
+    def time(self, device: torch.device):
+        self.count += 1
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._cpu_s += time.perf_counter() - began
+
+    def total_ms(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+        return 1e3 * self._cpu_s + sum(start.elapsed_time(end) for start, end in self._events)
 
 
 @dataclass(slots=True)
@@ -38,6 +68,7 @@ class ParallelState:
     step_timeout_s: float = 120.0
     # sends started and not yet known complete, with the tensors they read (kept alive until done)
     outstanding: list = field(default_factory=list)
+    all_reduce_timer: CollectiveTimer | None = None  # set by a benchmark to time this rank's all-reduces
 
     @property
     def world_size(self) -> int:
@@ -78,8 +109,13 @@ class ParallelState:
     # ---- tensor parallel ---------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over this stage's tensor-parallel ranks (in place)."""
-        if self.tp_size > 1:
+        if self.tp_size == 1:
+            return x
+        if self.all_reduce_timer is None:
             dist.all_reduce(x, group=self.tp_group)
+        else:
+            with self.all_reduce_timer.time(x.device):
+                dist.all_reduce(x, group=self.tp_group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

@@ -235,3 +235,15 @@ def test_a_random_weights_folder_gives_every_split_the_same_model(tmp_path):
 
     path = write_random_checkpoint(tmp_path / "random", make_hf_llama(0, **SHAPE).config.to_dict(), seed=3)
     assert_same(outputs(str(path), 2, 2), outputs(str(path)))
+
+
+def test_all_reduce_time_is_counted_per_call_on_rank_0(hf_dir):
+    """What bench/gpu.py reports as all-reduce time per step: one all-reduce after attention and one after
+    the MLP per layer, plus the vocabulary-parallel embedding's."""
+    from llmserve.distributed import CollectiveTimer
+
+    with LLM(str(hf_dir), tensor_parallel_size=2, num_blocks=64, block_size=4) as llm:
+        timer = llm.engine.core.ranks.parallel.all_reduce_timer = CollectiveTimer()
+        llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert timer.count == 4 * (2 * SHAPE["num_hidden_layers"] + 1)  # 4 steps: the prefill, then 3 decodes
+    assert timer.total_ms() > 0
