@@ -59,7 +59,7 @@ def assert_same(got, want) -> None:
             assert [lp for _, lp in top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2), (4, 1), (1, 3)])
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2), (4, 1), (1, 3), (4, 2)])
 def test_every_split_gives_the_tokens_and_logprobs_of_one_rank(hf_dir, reference, tp, pp):
     assert len({tuple(ids) for ids, _ in reference}) > 2, "the model must not answer everything alike"
     assert_same(outputs(str(hf_dir), tp, pp), reference)
