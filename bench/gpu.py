@@ -35,6 +35,9 @@ MODELS = {
     # Llama-3-70B's shape: does not fit one H200 in bf16 with room for KV; run it at --tp 4
     "llama-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                       intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    # Llama-3.1-405B's shape: about 101 GB of bf16 weights per GPU at --tp 8
+    "llama-405b": dict(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
+                       intermediate_size=53248, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 
 
