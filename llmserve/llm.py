@@ -31,6 +31,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # SamplingParams(prompt_logprobs=k): None for the first prompt token, then each token's logprobs
+    prompt_logprobs: list[SampledToken | None] | None = None
 
 
 class LLM:
@@ -113,6 +115,8 @@ class LLM:
                 if delta.new_logprobs is not None:
                     out.logprobs = (out.logprobs or []) + delta.new_logprobs
                 result.num_cached_tokens = delta.num_cached_tokens
+                if delta.prompt_logprobs is not None:
+                    result.prompt_logprobs = [None, *delta.prompt_logprobs]
                 if delta.finished:
                     out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
 

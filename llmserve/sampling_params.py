@@ -34,6 +34,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # OpenAI's logit_bias: token id -> added to its logit before sampling (greedy too), in [-100, 100]
     logit_bias: dict[int, float] | None = None
+    # log-probabilities of the prompt's tokens (each given the ones before it), with this many top
+    # alternatives; None: not computed. Such a request recomputes its prompt (no prefix-cache hit).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +61,8 @@ class SamplingParams:
         _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+               f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.logit_bias is not None:
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()} or None
             _check(all(token >= 0 for token in self.logit_bias or ()), "logit_bias keys must be token ids >= 0")

@@ -147,10 +147,35 @@ def test_completion_logprobs_legacy_shape(client, tokenizer):
                                          temperature=0)
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(prompt_ids) + 4 == len(logprobs.token_logprobs) == len(logprobs.text_offset)
-    assert logprobs.token_logprobs[:len(prompt_ids)] == [None] * len(prompt_ids)
-    assert all(lp <= 0 for lp in logprobs.token_logprobs[len(prompt_ids):])
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing precedes it
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(2 <= len(top) <= 3 for top in logprobs.top_logprobs[1:len(prompt_ids)])  # top 2 + the prompt's own
     assert all(len(top) == 2 for top in logprobs.top_logprobs[len(prompt_ids):])  # greedy: the sampled one is the top
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_like_hf(client, tokenizer):
+    """What evaluation tools send (lm-eval's loglikelihood): every prompt token's logprob but the first."""
+    import torch
+
+    from tests.conftest import make_hf_llama
+
+    hf = make_hf_llama(0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, max_position_embeddings=1024)
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    expected = [want[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert whole.choices[0].text == tokenizer.decode(prompt) and whole.usage.completion_tokens == 0
+    assert whole.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                            stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(expected, abs=1e-4)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tokenizer.decode(prompt)
 
 
 @pytest.mark.parametrize("top", [0, 2])

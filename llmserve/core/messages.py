@@ -37,6 +37,14 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     top: list[tuple[int, float]] = []
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities of prompt tokens first_position, first_position + 1, ... of one request."""
+
+    request_id: str
+    first_position: int
+    entries: list[TokenLogprobs]
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     """One request's progress in one step: new token ids, and how it ended if it did."""
 
@@ -46,6 +54,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" (EOS or a stop token id), "length", "abort" or "queue_timeout"
     stop_reason: int | None = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # with the request's first token, when it asked: prompt tokens 1.. (the first has no logprob)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

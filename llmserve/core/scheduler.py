@@ -105,7 +105,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            computed = self.kv.get_computed_blocks(seq)
+            # a request scoring its prompt computes every position: its logits are the point
+            computed = [] if seq.params.prompt_logprobs is not None else self.kv.get_computed_blocks(seq)
             num_cached = len(computed) * self.kv.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(seq, num_new, computed):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import msgspec
 
-from llmserve.core.messages import TokenLogprobs
+from llmserve.core.messages import PromptLogprobs, TokenLogprobs
 from llmserve.sampling_params import SamplingParams
 
 
@@ -70,6 +70,7 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     sampled_token_ids: list[int] = []
     # one entry per row when any request of the step asked for logprobs; None for rows that did not
     logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs: list[PromptLogprobs] = []  # the prompt positions this step scored, per request asking
 
 
 def single_prefill(request_id: str, token_ids: list[int], params: SamplingParams,

@@ -44,6 +44,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     max_output_tokens: int = 0  # max_tokens capped by the context length
+    # prompt tokens 1.. scored so far (params.prompt_logprobs); False once sent with the first output
+    prompt_logprobs: list | bool | None = None
 
     @property
     def num_tokens(self) -> int:

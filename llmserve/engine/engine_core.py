@@ -236,8 +236,21 @@ class EngineCore:
 
     def _outputs(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """One output per request that took a token (from `Scheduler.resolve`), in the runner's batch order."""
+        self._gather_prompt_logprobs(result, {seq.request_id: seq for seq, _ in updated})
         self.num_generation_tokens_total += len(updated)
         return [self._output(seq, result, row) for seq, row in updated]
+
+    def _gather_prompt_logprobs(self, result: ModelRunnerOutput, updated: dict[str, Sequence]) -> None:
+        """Keep each request's scored prompt tokens on its sequence, in order; a preempted request that
+        recomputes its prompt scores it again, and what was kept already is not added twice. `updated`:
+        the step's requests that took a token (one that finished has left `requests` already)."""
+        for scored in result.prompt_logprobs:
+            seq = updated.get(scored.request_id) or self.requests.get(scored.request_id)
+            if seq is None or seq.prompt_logprobs is False:
+                continue
+            kept = seq.prompt_logprobs = seq.prompt_logprobs or []
+            if scored.first_position == len(kept) + 1:
+                kept.extend(scored.entries)
 
     @staticmethod
     def _output(seq: Sequence, result: ModelRunnerOutput, row: int) -> EngineCoreOutput:
@@ -250,8 +263,11 @@ class EngineCore:
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = [result.logprobs[row]]
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not False:
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs or [], False  # sent with the first token
         return EngineCoreOutput(seq.request_id, [token_id], logprobs, finish_reason, stop_reason,
-                                seq.num_cached_tokens)
+                                seq.num_cached_tokens, prompt_logprobs)
 
 
 def _never_scheduled(seq: Sequence) -> bool:

@@ -30,6 +30,8 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     new_logprobs: list[SampledToken] | None = None  # one per new token, when asked
+    # prompt tokens 1.. with their log-probabilities (SamplingParams.prompt_logprobs), with the first token
+    prompt_logprobs: list[SampledToken] | None = None
 
 
 class EngineDeadError(RuntimeError):

@@ -24,6 +24,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = None  # kept only when the prompt is scored
 
 
 class OutputProcessor:
@@ -47,7 +48,9 @@ class OutputProcessor:
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
-        self._requests[request_id] = _RequestState(len(prompt_token_ids), params.logprobs is not None, detokenizer)
+        self._requests[request_id] = _RequestState(
+            len(prompt_token_ids), params.logprobs is not None, detokenizer,
+            prompt_token_ids=list(prompt_token_ids) if params.prompt_logprobs is not None else None)
 
     def process(self, outputs: EngineCoreOutputs) -> tuple[list[RequestOutput], list[str]]:
         """The deltas of one core step, and the ids of requests a stop string ended (the core must abort them).
@@ -85,7 +88,11 @@ class OutputProcessor:
                 finish_reason, stop_reason = "stop", detokenizer.stop_reason
             elif finish_reason is not None:
                 text += detokenizer.finish()
-        return _delta(output.request_id, state, _sampled_tokens(state, output), text, finish_reason, stop_reason)
+        delta = _delta(output.request_id, state, _sampled_tokens(state, output), text, finish_reason, stop_reason)
+        if output.prompt_logprobs is not None and state.prompt_token_ids is not None:
+            delta.prompt_logprobs = [SampledToken(token_id, lp.logprob, [(int(i), float(p)) for i, p in lp.top])
+                                     for token_id, lp in zip(state.prompt_token_ids[1:], output.prompt_logprobs)]
+        return delta
 
 
 def _sampled_tokens(state: _RequestState, output: EngineCoreOutput) -> list[SampledToken]:

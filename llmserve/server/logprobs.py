@@ -57,7 +57,7 @@ def _chat_top(pieces: TokenPieces, token_id: int, logprob: float | None) -> dict
 def completion_logprobs(pieces: TokenPieces, tokens: list[SampledToken], text_offset: int) -> dict:
     """`choices[i].logprobs` of a legacy completion: parallel lists; offsets start at `text_offset`.
 
-    Prompt tokens (echo) come as SampledToken with logprob None: the engine does not score prompts.
+    Echoed prompt tokens come first: the first with logprob None, the others as scored in the prefill.
     As in OpenAI's API, each `top_logprobs` entry holds up to logprobs + 1 tokens: the top ones and the
     sampled one (so `logprobs: 0` still gives the sampled token's).
     """

@@ -12,6 +12,8 @@ strip such text itself.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from llmserve.frontend.chat_template import ChatTemplateError, encode_chat
@@ -44,6 +46,7 @@ class GenerationRequest:
     include_usage: bool = False
     echo: bool = False
     prompt_texts: list[str] | None = None  # set only when echo is on
+    score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated
 
 
 @dataclass(slots=True)
@@ -72,13 +75,19 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest
     """A /v1/completions body: prompt as text, texts, token ids, or lists of token ids; special-token text in
     a text prompt is encoded as the special token."""
     prompts, texts = _prompts(body, tokenizer, limits)
-    params = _sampling_params(body, limits, default_max_tokens=16,
-                              logprobs=get_int(body, "logprobs"), logprobs_field="logprobs")
     echo = get_bool(body, "echo")
+    # what evaluation tools send to score a prompt: echo, logprobs and max_tokens 0 (one token is run
+    # for the engine's sake and left out of the response)
+    score_only = echo and body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
+    logprobs = get_int(body, "logprobs")
+    params = _sampling_params({**body, "max_tokens": 1} if score_only else body, limits, default_max_tokens=16,
+                              logprobs=logprobs, logprobs_field="logprobs")
     if echo:
         texts = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(texts, prompts)]
+        if logprobs is not None:  # the prompt's tokens get log-probabilities too, computed in its prefill
+            params = dataclasses.replace(params, prompt_logprobs=logprobs)
     return GenerationRequest(_model(body), prompts, params, *_stream(body), echo=echo,
-                             prompt_texts=texts if echo else None)
+                             prompt_texts=texts if echo else None, score_only=score_only)
 
 
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:

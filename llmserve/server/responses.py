@@ -23,17 +23,24 @@ class ChoiceState:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[SampledToken] | None = None  # prompt tokens 1.. (echo with logprobs)
+    score_only: bool = False  # echo with max_tokens 0: what the engine generates is not shown
 
     def add(self, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_cached_tokens = output.num_cached_tokens
+        if output.finished:
+            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+        if self.score_only:
+            self.finish_reason, self.stop_reason = ("length", None) if output.finished else (None, None)
+            return
         self.text += output.new_text
         self.token_ids.extend(output.new_token_ids)
         if output.new_logprobs is not None:
             self.logprobs = (self.logprobs or []) + output.new_logprobs
-        self.num_prompt_tokens = output.num_prompt_tokens
         self.num_output_tokens = output.num_output_tokens
-        self.num_cached_tokens = output.num_cached_tokens
-        if output.finished:
-            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
 
 
 def usage(prompts: list[list[int]], choices: list[ChoiceState], n: int) -> dict:
@@ -125,25 +132,31 @@ class CompletionRenderer(Renderer):
         super().__init__(*args, **kwargs)
         self.prompts, self.n, self.echo_texts, self.logprobs_on = prompts, n, echo_texts, logprobs_on
         self._offsets: dict[int, int] = {}  # text_offset where each choice's next token starts
+        self._echoed: set[int] = set()  # choices whose echoed prompt has been streamed
 
     def opening_chunks(self, num_choices: int) -> list[dict]:
-        if self.echo_texts is None:
-            return []
-        return [self.chunk([self._text_choice(i, self._echo(i), self._echo_logprobs(i))]) for i in range(num_choices)]
+        if self.echo_texts is None or self.logprobs_on:
+            return []  # with logprobs the echo waits for the prompt's scores: they come with the first token
+        return [self.chunk([self._text_choice(i, self._echo(i), None)]) for i in range(num_choices)]
 
     def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
         chunks = []
-        if output.new_text or output.new_logprobs:
+        if self.echo_texts is not None and self.logprobs_on and choice.index not in self._echoed:
+            self._echoed.add(choice.index)
+            prompt = self._prompt_tokens(choice.index, output.prompt_logprobs)
+            chunks.append(self.chunk([self._text_choice(choice.index, self._echo(choice.index),
+                                                        self._logprobs(choice.index, prompt))]))
+        if not choice.score_only and (output.new_text or output.new_logprobs):
             chunks.append(self.chunk([self._text_choice(choice.index, output.new_text,
                                                         self._logprobs(choice.index, output.new_logprobs))]))
         if output.finished:
-            chunks.append(self.chunk([self._text_choice(choice.index, "", None, output.finish_reason)]))
+            chunks.append(self.chunk([self._text_choice(choice.index, "", None, choice.finish_reason)]))
         return chunks
 
     def choice(self, choice: ChoiceState) -> dict:
         logprobs = None
-        if choice.logprobs is not None:
-            tokens = self._prompt_tokens(choice.index) + choice.logprobs
+        if choice.logprobs is not None or (choice.score_only and self.logprobs_on):
+            tokens = self._prompt_tokens(choice.index, choice.prompt_logprobs) + (choice.logprobs or [])
             logprobs = completion_logprobs(self.pieces, tokens, 0)
         body = self._text_choice(choice.index, self._echo(choice.index) + choice.text, logprobs, choice.finish_reason)
         body["stop_reason"] = choice.stop_reason
@@ -153,13 +166,14 @@ class CompletionRenderer(Renderer):
     def _echo(self, index: int) -> str:
         return self.echo_texts[index // self.n] if self.echo_texts is not None else ""
 
-    def _prompt_tokens(self, index: int) -> list[SampledToken]:
+    def _prompt_tokens(self, index: int, scored: list[SampledToken] | None = None) -> list[SampledToken]:
+        """The echoed prompt's tokens: the first has no logprob (nothing precedes it), the rest the scores
+        computed in the prefill (None without them)."""
         if self.echo_texts is None:
             return []
-        return [SampledToken(t, None, None) for t in self.prompts[index // self.n]]
-
-    def _echo_logprobs(self, index: int) -> dict | None:
-        return self._logprobs(index, self._prompt_tokens(index)) if self.logprobs_on else None
+        prompt = self.prompts[index // self.n]
+        rest = list(scored) if scored is not None else [SampledToken(t, None, None) for t in prompt[1:]]
+        return [SampledToken(prompt[0], None, None), *rest]
 
     def _logprobs(self, index: int, tokens: list[SampledToken] | None) -> dict | None:
         if not tokens:

@@ -61,7 +61,7 @@ async def serve_generation(request: web.Request, model: ServedModel, gen: Genera
 
 
 async def _collect(request: web.Request, run: ChoiceRun, gen: GenerationRequest, renderer: Renderer) -> web.Response:
-    choices = [ChoiceState(i) for i in range(len(run.request_ids))]
+    choices = [ChoiceState(i, score_only=gen.score_only) for i in range(len(run.request_ids))]
     async for index, output in run:
         _record(request, choices[index], index, output)
     return web.json_response(renderer.response(choices, usage(gen.prompts, choices, gen.params.n)))
@@ -69,7 +69,7 @@ async def _collect(request: web.Request, run: ChoiceRun, gen: GenerationRequest,
 
 async def _stream(request: web.Request, run: ChoiceRun, gen: GenerationRequest, renderer: Renderer
                   ) -> web.StreamResponse:
-    choices = [ChoiceState(i) for i in range(len(run.request_ids))]
+    choices = [ChoiceState(i, score_only=gen.score_only) for i in range(len(run.request_ids))]
     sse = SSEStream(request, request.app[CONFIG].sse_keepalive_s)
     try:
         await sse.open()

@@ -11,7 +11,7 @@ copied there from the previous step's samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
@@ -19,10 +19,11 @@ import torch
 
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
-from llmserve.core.messages import TokenLogprobs
+from llmserve.core.messages import PromptLogprobs, TokenLogprobs
 from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from llmserve.core.sequence import PLACEHOLDER
 from llmserve.ops.attention import AttentionMetadata
+from llmserve.worker.prompt_logprobs import PromptScoring, score_prompt_tokens
 from llmserve.worker.request_state import RequestState, RequestStates
 from llmserve.worker.sampler import Sampler
 
@@ -39,6 +40,7 @@ class LaunchedStep:
     ready: object | None  # a CUDA event recorded after that copy
     num_top: int  # top logprobs per row in `host`
     has_logprobs: bool
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # scored now (a host sync)
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class BatchInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [B_sample]: last token of each sampling request
     sample_states: list[RequestState]  # sampling requests, in batch order
+    prompt_scoring: PromptScoring | None = None  # rows whose logits score the next prompt token
 
 
 def kv_cache_dtype(cache_config: CacheConfig, device_config: DeviceConfig) -> torch.dtype:
@@ -97,10 +100,24 @@ class ModelRunner:
         if batch is None:
             return LaunchedStep([], None, None, None, 0, False)
         hidden = self._forward(batch)
+        scored = self.score_prompts(hidden, batch)
         if hidden is None or not batch.sample_states:  # None: a pipeline stage before the last (profiling run)
-            return LaunchedStep([], None, None, None, 0, False)
+            return LaunchedStep([], None, None, None, 0, False, scored)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        return self.sample(logits, batch.sample_states)
+        step = self.sample(logits, batch.sample_states)
+        step.prompt_logprobs = scored
+        return step
+
+    def score_prompts(self, hidden: torch.Tensor | None, batch: BatchInputs, keep: bool = True
+                      ) -> list[PromptLogprobs]:
+        """Log-probabilities of the prompt tokens this step's prefill rows predict, for the requests that
+        asked; every tensor rank of the last stage joins the logits' gather, only `keep` ones score."""
+        scoring = batch.prompt_scoring
+        if hidden is None or scoring is None:
+            return []
+        rows = torch.tensor(scoring.rows, device=hidden.device)
+        logits = self.model.compute_logits(hidden[rows])  # [R, V]
+        return score_prompt_tokens(logits, scoring) if keep else []
 
     def sample(self, logits: torch.Tensor, states: list[RequestState]) -> LaunchedStep:
         """Sample a token per row of `logits` [B, V], leave a placeholder in each request until `collect`."""
@@ -115,10 +132,11 @@ class ModelRunner:
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for the step's samples, record them in the requests' state, return them as plain data."""
         if not step.sampled:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=step.prompt_logprobs)
         result = _finish_copy(step)
         for (state, index), token_id in zip(step.sampled, result.sampled_token_ids):
             state.output_token_ids[index] = token_id  # harmless if the request was dropped meanwhile
+        result.prompt_logprobs = step.prompt_logprobs
         return result
 
     def _forward(self, batch: BatchInputs) -> torch.Tensor:
@@ -140,6 +158,7 @@ class ModelRunner:
         input_ids, positions, slots, request_ids = [], [], [], []
         query_lens, context_lens, logits_indices, sample_states = [], [], [], []
         fill_rows, fill_sources = [], []  # in-flight decode inputs <- rows of previous.token_ids
+        scoring = PromptScoring()
         states, sampling, block_size = self.requests.states, out.sampling_request_ids, self.block_size
         for request_id, num_new in order:
             state = states[request_id]
@@ -160,6 +179,8 @@ class ModelRunner:
                 positions.extend(range(start, end))
                 slots.extend(state.slot(p, block_size) for p in range(start, end))
             request_ids.append(request_id)
+            if state.params.prompt_logprobs is not None:
+                scoring.add(state, start, end, len(input_ids) - num_new)
             query_lens.append(num_new)
             context_lens.append(end)
             if request_id in sampling:
@@ -176,7 +197,7 @@ class ModelRunner:
             num_decodes=len(decodes), max_context_len=max(context_lens),
             query_lens_host=query_lens, context_lens_host=context_lens)
         return BatchInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logit_idx,
-                           sample_states=sample_states)
+                           sample_states=sample_states, prompt_scoring=scoring if scoring.rows else None)
 
     def _to_device(self, vectors: list[list[int]], table: np.ndarray) -> list[torch.Tensor]:
         """One host-to-device copy of every int input; the int32 ones are cast on the device."""

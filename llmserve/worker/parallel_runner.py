@@ -133,6 +133,7 @@ class ParallelModelRunner(ModelRunner):
             return
         states = batch.sample_states
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        scored = self.score_prompts(hidden, batch, keep=parallel.is_sampler)
         logits = None
         if hidden is not None and states:  # the last stage: every tensor rank joins the gather
             logits = self.model.compute_logits(hidden[batch.logits_indices])
@@ -142,6 +143,7 @@ class ParallelModelRunner(ModelRunner):
                 state.output_token_ids.append(PLACEHOLDER)
             return
         result = self.collect(self.sample(logits, states)) if states else ModelRunnerOutput()
+        result.prompt_logprobs = scored
         if parallel.rank == 0:
             self._own_results[message.step_no] = result
         else:
