@@ -33,7 +33,20 @@ def banner_lines(config: ServerConfig, models: ModelRegistry, port: int) -> list
     lines = [f"llmserve is serving on {where}, port {port}: clients use base_url {url} (Ctrl-C stops)"]
     for index, model in enumerate(models):
         lines.extend(_model_lines(model, is_default=index == 0))
+        lines.extend(_defaults_line(model, config.generation_config))
     return lines
+
+
+def _defaults_line(model: ServedModel, generation_config: str) -> list[str]:
+    """Which sampling defaults the model's requests get when they omit a field."""
+    if model.status != READY:
+        return []
+    if generation_config == "none" or not model.sampling_defaults:
+        why = "--generation-config none" if generation_config == "none" else "its generation_config.json sets none"
+        return [f"model {model.name!r}: sampling defaults of the OpenAI API ({why})"]
+    fields = ", ".join(f"{name}={value}" for name, value in model.sampling_defaults.items())
+    return [f"model {model.name!r}: sampling defaults from its generation_config.json: {fields} "
+            f"(for fields a request omits; --generation-config none turns them off)"]
 
 
 def _model_lines(model: ServedModel, is_default: bool) -> list[str]:

@@ -43,6 +43,10 @@ def add_subcommands(sub) -> None:
                        help="end a request still waiting to start after this many seconds with 503 (default: "
                             "no limit)")
     serve.add_argument("--max-n", type=int, default=16, help="most choices (n) per request")
+    serve.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                       help="auto: sampling fields a request omits (temperature, top_p, top_k, min_p, "
+                            "repetition_penalty, max_tokens) come from the model's generation_config.json; "
+                            "none: the OpenAI API's defaults")
     serve.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     serve.add_argument("--engine", default=None, help="serve a built engine folder (from `llmserve build`)")
     serve.add_argument("--build-config", default=None,
@@ -79,6 +83,7 @@ def server_config_from_args(args: argparse.Namespace, default_name: str | None =
                         shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
                         body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
                         sse_keepalive_s=args.sse_keepalive, queue_timeout=args.queue_timeout or None,
+                        generation_config=args.generation_config,
                         allowed_hosts=_host_list(args.allowed_hosts))
 
 

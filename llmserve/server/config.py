@@ -27,6 +27,8 @@ class ServerConfig:
     keepalive_timeout: float = 75.0
     sse_keepalive_s: float = 15.0  # a `: keep-alive` comment after this many silent seconds in a stream; 0: none
     queue_timeout: float | None = None  # seconds a request may wait to start before a 503; None: no limit
+    # "auto": the model's generation_config.json gives the sampling defaults of omitted fields; "none": the API's
+    generation_config: str = "auto"
     # Host header names answered, any port ("*": any); None: loopback names when `host` is a loopback
     # address (a page on another site cannot reach the server through DNS rebinding), else any
     allowed_hosts: tuple[str, ...] | None = None
@@ -40,6 +42,7 @@ class ServerConfig:
         assert self.shutdown_timeout >= 0, f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}"
         assert self.build_retry_after_s >= 1, f"build_retry_after_s must be >= 1, got {self.build_retry_after_s}"
         assert self.max_n >= 1, f"max_n must be >= 1, got {self.max_n}"
+        assert self.generation_config in ("auto", "none"), f"generation_config must be auto or none, got {self.generation_config!r}"
         assert self.body_timeout > 0, f"body_timeout must be > 0, got {self.body_timeout}"
         assert self.keepalive_timeout > 0, f"keepalive_timeout must be > 0, got {self.keepalive_timeout}"
         assert self.sse_keepalive_s >= 0, f"sse_keepalive_s must be >= 0, got {self.sse_keepalive_s}"

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from llmserve.frontend.engine_client import EngineClient
+from llmserve.frontend.generation_config import generation_defaults
 from llmserve.server.errors import APIError
 from llmserve.server.logprobs import TokenPieces
 
@@ -36,10 +37,19 @@ class ServedModel:
     error: str | None = None
     build: EngineBuild | None = None  # run by the app's cleanup context while status is 'building'
     num_reserved: int = 0
+    _sampling_defaults: dict | None = None
 
     def mark_ready(self, engine: EngineClient) -> None:
         self.status, self.engine, self.error, self.build = READY, engine, None, None
         self.token_pieces = TokenPieces(engine.tokenizer)
+        self._sampling_defaults = None
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's generation_config.json sampling fields (read once its engine has started)."""
+        if self._sampling_defaults is None:
+            self._sampling_defaults = generation_defaults(self.engine.info.tokenizer_path)
+        return self._sampling_defaults
 
     @property
     def num_waiting(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmserve.frontend.chat_template import ChatTemplateError, encode_chat
 from llmserve.sampling_params import SamplingParams
@@ -56,6 +56,7 @@ class Limits:
     vocab_size: int
     max_n: int
     max_prompts: int
+    defaults: dict = field(default_factory=dict)  # the model's generation defaults for omitted fields
 
 
 def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
@@ -191,13 +192,16 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
     if n > limits.max_n:
         raise bad_request(f"'n' must be at most {limits.max_n}, got {n}", "n")
     max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    model = limits.defaults  # the model's generation_config.json, for fields the request omits
     fields = dict(
-        n=n, temperature=get_number(body, "temperature", 1.0), top_p=get_number(body, "top_p", 1.0),
-        top_k=get_int(body, "top_k", 0), min_p=get_number(body, "min_p", 0.0), seed=get_int(body, "seed"),
+        n=n, temperature=get_number(body, "temperature", model.get("temperature", 1.0)),
+        top_p=get_number(body, "top_p", model.get("top_p", 1.0)), top_k=get_int(body, "top_k", model.get("top_k", 0)),
+        min_p=get_number(body, "min_p", model.get("min_p", 0.0)), seed=get_int(body, "seed"),
         presence_penalty=get_number(body, "presence_penalty", 0.0),
         frequency_penalty=get_number(body, "frequency_penalty", 0.0),
-        repetition_penalty=get_number(body, "repetition_penalty", 1.0),
-        max_tokens=get_int(body, max_tokens_field, default_max_tokens), min_tokens=get_int(body, "min_tokens", 0),
+        repetition_penalty=get_number(body, "repetition_penalty", model.get("repetition_penalty", 1.0)),
+        max_tokens=get_int(body, max_tokens_field, model.get("max_tokens", default_max_tokens)),
+        min_tokens=get_int(body, "min_tokens", 0),
         stop=get_str_list(body, "stop", max_items=MAX_STOP_STRINGS, max_chars=MAX_STOP_STRING_CHARS,
                           why=STOP_LIMIT_REASON),
         ignore_eos=get_bool(body, "ignore_eos"),

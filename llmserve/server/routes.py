@@ -24,7 +24,9 @@ def _select(request: web.Request, body: dict) -> ServedModel:
 
 
 def _limits(app: web.Application, model: ServedModel) -> Limits:
-    return Limits(vocab_size=model.engine.info.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS)
+    defaults = model.sampling_defaults if app[CONFIG].generation_config == "auto" else {}
+    return Limits(vocab_size=model.engine.info.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS,
+                  defaults=defaults)
 
 
 def _tokenizer(model: ServedModel):
