@@ -162,3 +162,29 @@ def test_after_warm_up_a_staggered_workload_compiles_no_kernel():
     finally:
         knobs.jit_post_compile_hook = None
     assert compiled == []
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_and_logit_bias_on_cuda(async_scheduling):
+    """The CUDA path of prompt scoring (chunked, beside other requests) and of logit_bias."""
+    hf_model = make_hf_llama(0, **SHAPE).cuda()
+    engine = cuda_engine(hf_model, "float32", enforce_eager=False, async_scheduling=async_scheduling)
+    prompt = prompts(1, seed=9)[0]
+    while len(prompt) < 600:  # longer than a 512-token step: scored in two chunks
+        prompt = prompt + prompt
+    engine.add_request("other", prompts(1, seed=3)[0], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.add_request("scored", prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2,
+                                                        logit_bias={7: 100.0}))
+    got, tokens = None, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == "scored":
+                tokens += out.new_token_ids
+                got = out.prompt_logprobs if out.prompt_logprobs is not None else got
+    with torch.no_grad():
+        want = torch.log_softmax(hf_model(torch.tensor([prompt], device="cuda")).logits[0].float(), dim=-1)
+    assert len(got) == len(prompt) - 1
+    assert [t.logprob for t in got] == pytest.approx(
+        [want[p - 1, prompt[p]].item() for p in range(1, len(prompt))], abs=1e-3)
+    assert tokens == [7, 7, 7]
+    assert engine.kv.num_used_blocks == 0

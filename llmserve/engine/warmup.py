@@ -37,6 +37,7 @@ def warm_up(core) -> float:
     else:
         raise RuntimeError(f"the warm-up requests did not finish within {MAX_STEPS} steps")
     _forget(core)
+    _compile_decode_splits(core)
     seconds = time.perf_counter() - began
     logger.info("warm-up: kernels compiled and paths exercised in %.1f s", seconds)
     return seconds
@@ -68,6 +69,17 @@ def _params(index: int, max_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=index, max_tokens=max_tokens,
                               ignore_eos=True)
     return SamplingParams(temperature=1.0, logprobs=5, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _compile_decode_splits(core) -> None:
+    """On CUDA with Triton: every split count of the decode kernel (the requests above may not meet them all)."""
+    runner = core.runner
+    if runner.device.type != "cuda":
+        return
+    from llmserve.ops.triton_attention import compile_decode_variants
+
+    k_cache, v_cache = runner.kv_caches[0][0], runner.kv_caches[0][1]
+    compile_decode_variants(k_cache, v_cache, runner.config.num_attention_heads, runner.dtype)
 
 
 def _forget(core) -> None:

@@ -265,6 +265,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def compile_decode_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype) -> int:
+    """Run the decode kernel once for every split count it may pick, so none compiles inside a user's step:
+    an eager mixed step picks its count from the batch's table width, which the traffic decides. It reads
+    block 0 of the cache for one token and writes only its own output; returns the variants run."""
+    head_dim, device = k_cache.shape[-1], k_cache.device
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    context_lens = torch.ones(1, dtype=torch.int32, device=device)
+    splits = [1 << i for i in range(MAX_DECODE_SPLITS.bit_length())]
+    for num_splits in splits:
+        paged_decode_attention(q, k_cache, v_cache, table, context_lens, 1.0, num_splits=num_splits)
+    return len(splits)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor, context_lens: torch.Tensor,
                             max_query_len: int, scale: float, out: torch.Tensor | None = None,
