@@ -6,7 +6,7 @@ Three kinds of traffic, each on the stock library:
   attention and per MLP inside a stage's tensor-parallel group, the LM head's all-gather, and the
   hidden states passed from one pipeline stage to the next (send/recv);
 - each step's plain-data batch, broadcast by rank 0 (the engine core) to every rank, and the
-  sampled tokens broadcast back by the sampling rank, as msgpack bytes on a gloo group;
+  sampled tokens sent by the sampling rank to rank 0 alone, as msgpack bytes on gloo groups;
 - nothing else: no home-made socket protocol.
 A dead peer breaks the gloo/NCCL connections and a hung one times out (`step_timeout_s`): either
 way the collective raises, the step fails, and the engine stops.
@@ -64,7 +64,7 @@ class ParallelState:
     device: torch.device = torch.device("cpu")
     tp_group: object | None = None  # this stage's tensor-parallel ranks, data backend
     control_group: object | None = None  # every rank, gloo, long timeout: step payloads wait on it
-    result_group: object | None = None  # every rank, gloo, step timeout: sampled tokens
+    result_group: object | None = None  # every rank, gloo, step timeout: sampled tokens, the KV agreement
     step_timeout_s: float = 120.0
     # sends started and not yet known complete, with the tensors they read (kept alive until done)
     outstanding: list = field(default_factory=list)
@@ -141,19 +141,18 @@ class ParallelState:
         return both[0], both[1]
 
     # ---- plain data between ranks ----------------------------------------------------------------
-    def broadcast_bytes(self, payload: bytes | None, src: int, group) -> bytes:
-        """`payload` from rank `src` to every rank (gloo, CPU tensors): a length, then the bytes.
-
-        The sender waits at most the step timeout for the receivers, whatever the group's own timeout
-        (the control group's is a year: idle workers wait there for the next step)."""
-        size = torch.tensor([len(payload) if self.rank == src else 0], dtype=torch.int64)
-        self._broadcast(size, src, group)
-        if self.rank == src:
+    def broadcast_bytes(self, payload: bytes | None, group) -> bytes:
+        """`payload` from rank 0 to every rank (gloo, CPU tensors): a length, then the bytes; the others
+        pass None and get it. Rank 0 waits at most the step timeout for the receivers, whatever the
+        group's own timeout (the control group's is a year: idle workers wait there for the next step)."""
+        size = torch.tensor([len(payload) if self.rank == 0 else 0], dtype=torch.int64)
+        self._broadcast(size, group)
+        if self.rank == 0:
             buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
         else:
             buffer = torch.empty(int(size.item()), dtype=torch.uint8)
         if buffer.numel():
-            self._broadcast(buffer, src, group)
+            self._broadcast(buffer, group)
         return buffer.numpy().tobytes()
 
     def post_bytes(self, payload: bytes, group) -> None:
@@ -179,11 +178,11 @@ class ParallelState:
         self.outstanding = [(w, t) for w, t in self.outstanding if not w.is_completed()]
         self.outstanding.append((work, tensor))
 
-    def _broadcast(self, tensor: torch.Tensor, src: int, group) -> None:
-        if self.rank != src:
-            dist.broadcast(tensor, src, group=group)
+    def _broadcast(self, tensor: torch.Tensor, group) -> None:
+        if self.rank != 0:
+            dist.broadcast(tensor, 0, group=group)
             return
-        work = dist.broadcast(tensor, src, group=group, async_op=True)
+        work = dist.broadcast(tensor, 0, group=group, async_op=True)
         if not work.wait(timeout=datetime.timedelta(seconds=self.step_timeout_s)):
             raise RuntimeError(f"a rank did not take the step within {self.step_timeout_s:.0f} s")
 

@@ -67,6 +67,12 @@ class TrtllmCheckpoint:
         """All tensors of rank `rank`, as stored (local layer numbering)."""
         return load_file(self.rank_path(rank))
 
+    def iter_rank_tensors(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """The same, one tensor at a time (a rank loading its shard holds one copy, not two)."""
+        with safe_open(self.rank_path(rank), framework="pt") as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
     def merged_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield the tp=1, pp=1 tensors, in the names and order of `names.hf_to_trtllm_single_rank`."""
         mapping, config = self.mapping, self.config

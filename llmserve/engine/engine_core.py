@@ -54,8 +54,8 @@ class EngineCore:
         else:
             from llmserve.worker.parallel_runner import ParallelModelRunner
 
-            self.runner = ParallelModelRunner(model, ranks.local_config(), config, num_blocks, ranks.parallel)
-            self.runner.describe_ranks = ranks.describe
+            self.runner = ParallelModelRunner(model, ranks.local_config(), config, num_blocks, ranks.parallel,
+                                              describe_ranks=ranks.describe)
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
         async_scheduling = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling

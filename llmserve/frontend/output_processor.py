@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmserve.core.messages import EngineCoreOutput, EngineCoreOutputs
+from llmserve.core.messages import EngineCoreOutput, EngineCoreOutputs, TokenLogprobs
 from llmserve.core.sampled_token import SampledToken
 from llmserve.frontend.detokenizer import IncrementalDetokenizer
 from llmserve.frontend.engine_client import RequestOutput
@@ -90,16 +90,19 @@ class OutputProcessor:
                 text += detokenizer.finish()
         delta = _delta(output.request_id, state, _sampled_tokens(state, output), text, finish_reason, stop_reason)
         if output.prompt_logprobs is not None and state.prompt_token_ids is not None:
-            delta.prompt_logprobs = [SampledToken(token_id, lp.logprob, [(int(i), float(p)) for i, p in lp.top])
+            delta.prompt_logprobs = [_sampled(token_id, lp)
                                      for token_id, lp in zip(state.prompt_token_ids[1:], output.prompt_logprobs)]
         return delta
 
 
 def _sampled_tokens(state: _RequestState, output: EngineCoreOutput) -> list[SampledToken]:
     if state.logprobs_on and output.new_logprobs is not None:
-        return [SampledToken(token_id, lp.logprob, [(int(i), float(p)) for i, p in lp.top])
-                for token_id, lp in zip(output.new_token_ids, output.new_logprobs)]
+        return [_sampled(token_id, lp) for token_id, lp in zip(output.new_token_ids, output.new_logprobs)]
     return [SampledToken(token_id) for token_id in output.new_token_ids]
+
+
+def _sampled(token_id: int, logprobs: TokenLogprobs) -> SampledToken:
+    return SampledToken(token_id, logprobs.logprob, [(int(i), float(p)) for i, p in logprobs.top])
 
 
 def _delta(request_id: str, state: _RequestState, tokens: list[SampledToken], text: str,

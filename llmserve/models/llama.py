@@ -206,8 +206,8 @@ class LlamaForCausalLM(nn.Module):
         self.transformer = Transformer(config, attention, parallel)
         # tied weights share the embedding only when one rank holds both ends of the model
         own_head = parallel.is_last_stage and (not config.tie_word_embeddings or parallel.world_size > 1)
-        self.lm_head = nn.Linear(config.hidden_size, -(-config.vocab_size // parallel.tp_size) if parallel.world_size > 1
-                                 else config.vocab_size, bias=False) if own_head else None
+        vocab_rows = -(-config.vocab_size // parallel.tp_size)  # this rank's share, padded (all of V at tp = 1)
+        self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False) if own_head else None
         self.logits_linear: nn.Module | None = None  # a quantized lm_head replaces the weight matmul
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -14,16 +14,16 @@ from llmserve.ops.attention import REFERENCE_BACKEND, select_attention
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def open_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """The checkpoint reader for `path`: TrtllmCheckpoint if converted, RandomCheckpoint for a benchmark's
-    weightless folder (weights drawn on `device`), else HFCheckpoint."""
+def open_checkpoint(path: str | Path, device: str | torch.device = "cpu", rank: int | None = None):
+    """The checkpoint reader for `path`: TrtllmCheckpoint if converted (only `rank`'s shard checked, when
+    given), RandomCheckpoint for a benchmark's weightless folder (weights drawn on `device`), else HFCheckpoint."""
     from llmserve.checkpoint.random_weights import RandomCheckpoint, is_random_checkpoint
     from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint, is_trtllm_checkpoint
 
     if is_random_checkpoint(path):
         return RandomCheckpoint(path, device)
     if is_trtllm_checkpoint(path):
-        return TrtllmCheckpoint(path)
+        return TrtllmCheckpoint(path, check_ranks=None if rank is None else [rank])
     from llmserve.checkpoint.hf import HFCheckpoint
 
     return HFCheckpoint(path)
@@ -63,32 +63,19 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
 
 def rank_tensors_of(path: str | Path, parallel, dtype: str) -> tuple[ModelConfig, Iterable[tuple[str, torch.Tensor]]]:
     """Rank `parallel.rank`'s tensors: its own `rank{r}.safetensors` from a checkpoint converted for this
-    tp x pp, or converted now, one tensor at a time, from a HuggingFace checkpoint."""
+    tp x pp, or converted now, one tensor at a time, from a HuggingFace (or random-weight) checkpoint."""
     from llmserve.checkpoint.convert import rank_tensors, validate_mapping
-    from llmserve.checkpoint.trtllm_format import TrtllmCheckpoint, is_trtllm_checkpoint
 
     mapping, rank = parallel.mapping, parallel.rank
-    if is_trtllm_checkpoint(path):
-        checkpoint = TrtllmCheckpoint(path, check_ranks=[rank])
+    checkpoint = open_checkpoint(path, parallel.device, rank=rank)
+    if hasattr(checkpoint, "mapping"):  # converted: this rank's shard as written
         if checkpoint.mapping != mapping:
             raise ValueError(f"{path} was converted for tp={checkpoint.mapping.tp_size} pp={checkpoint.mapping.pp_size}, "
                              f"not tp={mapping.tp_size} pp={mapping.pp_size}: convert the HuggingFace checkpoint again "
                              f"with --tp {mapping.tp_size} --pp {mapping.pp_size}, or serve the HuggingFace directory")
-        return checkpoint.config, _shard_tensors(checkpoint.rank_path(rank))
-    from llmserve.checkpoint.hf import HFCheckpoint
-    from llmserve.checkpoint.random_weights import RandomCheckpoint, is_random_checkpoint
-
-    source = RandomCheckpoint(path, parallel.device) if is_random_checkpoint(path) else HFCheckpoint(path)
-    validate_mapping(source.config, mapping)
-    return source.config, rank_tensors(source.get, source.config, mapping, rank, DTYPES[dtype])
-
-
-def _shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as shard:
-        for name in shard.keys():
-            yield name, shard.get_tensor(name)
+        return checkpoint.config, checkpoint.iter_rank_tensors(rank)
+    validate_mapping(checkpoint.config, mapping)
+    return checkpoint.config, rank_tensors(checkpoint.get, checkpoint.config, mapping, rank, DTYPES[dtype])
 
 
 def load_rank_model(path: str | Path, parallel, device: str, dtype: str) -> tuple[ModelConfig, LlamaForCausalLM]:

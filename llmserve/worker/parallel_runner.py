@@ -6,9 +6,9 @@ states and runs its stage's part of the forward. The sampling rank (tensor rank 
 which holds the gathered logits) samples and sends the `ModelRunnerOutput` to rank 0, which answers.
 Nobody waits for a step's tokens but rank 0, so with pipeline stages rank 0 keeps one step in flight
 per stage, over disjoint requests (the scheduler skips requests whose token is in flight): stage 0
-runs micro-batch k+1 while stage 1 runs micro-batch k. The scheduler and the KV block pool exist once, in rank 0's engine core; each rank holds
-its share of every block (its layers, its KV heads), so the pool is sized by the rank with the
-least room.
+runs micro-batch k+1 while stage 1 runs micro-batch k. The scheduler and the KV block pool exist
+once, in rank 0's engine core; each rank holds its share of every block (its layers, its KV heads),
+so the pool is sized by the rank with the least room.
 
 Worker processes load their own `rank{r}.safetensors` (or convert it on the fly from a HuggingFace
 directory) before joining the process group, so a bad shard fails start-up naming its rank.
@@ -77,12 +77,15 @@ class ParallelModelRunner(ModelRunner):
     the tokens with a later step, always before a step that reads them.
     """
 
-    def __init__(self, model, local_config, config: EngineConfig, num_blocks: int, parallel: ParallelState):
+    def __init__(self, model, local_config, config: EngineConfig, num_blocks: int, parallel: ParallelState,
+                 describe_ranks=lambda: "a rank died or hung"):
+        """`describe_ranks`: which ranks are gone, as rank 0 sees them (for the error a failed step raises)."""
         # eager: the CUDA graphs of one rank would capture a stage hand-off; graph capture of the
         # collectives is not built yet
         device = replace(config.device, device=str(parallel.device), enforce_eager=True)
         super().__init__(model, local_config, config.cache, device, num_blocks, 0, config.scheduler.max_num_seqs)
         self.parallel = parallel
+        self.describe_ranks = describe_ranks
         self._step_no = 0
         self._placeholders: dict[int, list[tuple[object, int]]] = {}  # step -> (request state, output index)
         self._in_flight: deque[int] = deque()  # rank 0: launched steps whose tokens are owed, oldest first
@@ -161,13 +164,9 @@ class ParallelModelRunner(ModelRunner):
             raise RankFailedError(f"the tensor/pipeline-parallel step failed ({self.describe_ranks()}): "
                                   f"{str(exc).splitlines()[0]}") from exc
 
-    def describe_ranks(self) -> str:
-        """Which ranks are gone, as rank 0 sees them (replaced by the engine core with its workers' view)."""
-        return "a rank died or hung"
-
     def stop_workers(self) -> None:
         """Rank 0: end the workers' step loops (they leave the process group and exit)."""
-        self.parallel.broadcast_bytes(STOP, 0, self.parallel.control_group)
+        self.parallel.broadcast_bytes(STOP, self.parallel.control_group)
 
 
 def kv_blocks_for_rank(model, local_config, config: EngineConfig, parallel: ParallelState) -> int:
@@ -287,7 +286,7 @@ def worker_main(rank: int, path: str, config: EngineConfig, init_method: str, pi
     num_blocks = kv_blocks_for_rank(model, local_config, config, parallel)
     runner = ParallelModelRunner(model, local_config, config, num_blocks, parallel)
     while True:
-        payload = parallel.broadcast_bytes(None, 0, parallel.control_group)
+        payload = parallel.broadcast_bytes(None, parallel.control_group)
         if payload == STOP:
             break
         runner.run_stage(_MESSAGE_DECODER.decode(payload))
