@@ -6,7 +6,9 @@ import argparse
 import copy
 import logging
 import re
+import signal
 import sys
+import threading
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LOG_LEVEL = "WARNING"
@@ -211,21 +213,50 @@ def _optional_commands():
                 raise
 
 
+class _SigintRecorder:
+    """Remembers that Ctrl-C arrived. Python raises KeyboardInterrupt wherever the main thread is, and
+    when that is inside a callback from C code the library may report it as its own error instead."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.received = True
+        signal.default_int_handler(signum, frame)
+
+    def __enter__(self) -> "_SigintRecorder":
+        # Only the main thread may set handlers; a caller's own handler is left be.
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures and Ctrl-C end in one line on stderr and a non-zero status."""
     log_level = DEFAULT_LOG_LEVEL
+    sigint = _SigintRecorder()
     try:
         args = build_parser().parse_args(argv)
         log_level = args.log_level
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return args.func(args) or 0
+        with sigint:
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except expected_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except Exception as exc:
+        if sigint.received:  # C code (torch's) turned the KeyboardInterrupt into an error of its own
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, expected_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         if log_level == "DEBUG":
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)",

@@ -224,13 +224,20 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     validate_mapping(config, mapping)
     out = _check_out_dir(src_dir, out_dir)
-    with staged_dir(out) as staging:
-        for rank in tqdm(range(mapping.world_size), desc="ranks", disable=not progress):
+    # The bars are context managers so that Ctrl-C closes them (ending their line) before the CLI
+    # prints "interrupted"; an iterator bar would only close when garbage collected.
+    with staged_dir(out) as staging, tqdm(total=mapping.world_size, desc="ranks", disable=not progress) as ranks:
+        for rank in range(mapping.world_size):
             tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype])
             total = num_rank_tensors(config, mapping, rank)
-            shard = dict(tqdm(tensors, desc=f"rank{rank}", total=total, leave=False, disable=not progress))
+            with tqdm(total=total, desc=f"rank{rank}", leave=False, disable=not progress) as bar:
+                shard = {}
+                for name, tensor in tensors:
+                    shard[name] = tensor
+                    bar.update()
             save_rank_file(shard, staging / f"rank{rank}.safetensors")
             del shard  # one rank's tensors in memory at a time
+            ranks.update()
         (staging / "config.json").write_text(json.dumps(trtllm_config(config, mapping, dtype), indent=2))
         copy_tokenizer_files(src_dir, staging)
     return out
