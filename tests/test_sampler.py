@@ -312,3 +312,34 @@ def test_logit_bias_out_of_range_is_refused():
         SamplingParams(logit_bias={3: 100.5})
     with pytest.raises(ValueError, match="logit_bias keys"):
         SamplingParams(logit_bias={-1: 1.0})
+
+
+def _key_whose_first_draw_hashes_to(target: int) -> int:
+    """The seeded key whose noise element 0 has SplitMix64 output `target` (the finaliser inverted)."""
+    from llmserve.ops.exponential_noise import GOLDEN, MASK64, MIX1, MIX2, signed64
+
+    def unshift(z: int, bits: int) -> int:  # inverse of z ^ (z >> bits)
+        result = z
+        for _ in range(64 // bits + 1):
+            result = z ^ (result >> bits)
+        return result & MASK64
+
+    z = unshift(target, 31)
+    z = (z * pow(MIX2, -1, 1 << 64)) & MASK64
+    z = unshift(z, 27)
+    z = (z * pow(MIX1, -1, 1 << 64)) & MASK64
+    z = unshift(z, 30)
+    return signed64(z - GOLDEN)  # element 0 hashes key + 1 * GOLDEN
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_seeded_noise_is_never_zero_even_for_the_largest_hash(device):
+    """The largest hash once gave u = 1.0 in float32 and noise 0, so that token won the race even at
+    probability 0 (0 / 0 = nan): a random token in ~0.3% of seeded steps once tokens were filtered."""
+    keys = torch.tensor([_key_whose_first_draw_hashes_to(2**64 - 1), _key_whose_first_draw_hashes_to(0)],
+                        device=device)
+    noise = exponential_noise(keys, 1)[:, 0].cpu()
+    assert torch.isfinite(noise).all() and (noise > 0).all(), noise
+    probs = torch.tensor([[0.0, 1.0]], device=device)  # a filtered token and the only allowed one
+    race = probs / torch.stack([exponential_noise(keys[:1], 1)[0, 0], torch.tensor(1.0, device=device)])
+    assert race.argmax().item() == 1

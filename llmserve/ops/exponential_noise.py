@@ -1,8 +1,11 @@
 """Counter-based Exp(1) noise for seeded sampling: element (b, v) is a pure function of (keys[b], v).
 
 Row b is the stream of SplitMix64 started at keys[b]: z = keys[b] + (v + 1) * golden, then
-SplitMix64's finaliser; the top 24 bits give u in (0, 1) and the noise is -log(u), finite and
-never 0. No generator state, so a row's noise is the same alone or in any batch, and every
+SplitMix64's finaliser; the top 23 bits k give u = (k + 0.5) / 2^23 in (0, 1) and the noise is
+-log(u), finite and never 0. Not 24 bits: (2^24 - 1) + 0.5 rounds to 2^24 in float32, so u was 1
+and the noise 0 once in 2^24 draws, and that token won the race (p / 0) whatever its probability,
+even 0 (0 / 0 is nan, which argmax takes): a random token in about 0.3% of seeded steps over a
+49k vocabulary. No generator state, so a row's noise is the same alone or in any batch, and every
 seeded row of a step is computed at once. One Triton kernel on CUDA (the torch twin is
 ~15 small kernels there); the torch twin, ~15 vectorized int64 passes, elsewhere.
 Legend: B rows, V vocabulary.
@@ -56,7 +59,7 @@ def exponential_noise_torch(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     z.bitwise_xor_(_shift_right(z, 30)).mul_(signed64(MIX1))
     z.bitwise_xor_(_shift_right(z, 27)).mul_(signed64(MIX2))
     z.bitwise_xor_(_shift_right(z, 31))
-    u = _shift_right(z, 40).float().add_(0.5).mul_(2.0 ** -24)  # (0, 1), 2^24 levels
+    u = _shift_right(z, 41).float().add_(0.5).mul_(2.0 ** -23)  # (0, 1), 2^23 levels, all exact in float32
     return u.log_().neg_()
 
 
@@ -74,7 +77,7 @@ def _noise_kernel(keys_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     z = z ^ (z >> 31)
-    u = ((z >> 40).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    u = ((z >> 41).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
     tl.store(out_ptr + row * vocab + cols, -tl.log(u), mask=cols < vocab)
 
 
