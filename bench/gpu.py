@@ -117,7 +117,8 @@ def roofline_t(cfg: ModelConfig, prompts: list[list[int]], out_len: int, ceil: d
 
 # ---- llmserve ---------------------------------------------------------------------------
 def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
-                async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> Engine:
+                async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                tokenizer_path: str | None = None) -> Engine:
     torch.manual_seed(0)
     model = build_model(cfg, "cuda", "bfloat16")
     with torch.no_grad():
@@ -128,7 +129,7 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   max_model_len=4096, max_waiting=100000, async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", "bfloat16", enforce_eager=enforce_eager))
-    return Engine(model, cfg, config)
+    return Engine(model, cfg, config, tokenizer_path=tokenizer_path)  # the path: for grammars (structured.py)
 
 
 def make_parallel_engine(cfg: ModelConfig, tp: int, pp: int, max_num_seqs: int, max_num_batched_tokens: int,

@@ -9,6 +9,25 @@ from dataclasses import dataclass, field
 # as 0: a divisor or threshold must be a normal float32, and no value may overflow to inf.
 FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 FLOAT32_MAX = 3.4028234663852886e38
+STRUCTURED_KINDS = ("json", "regex", "grammar", "choice")
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutputs:
+    """A constraint on the output text, as plain data: `kind` says how to read `spec`.
+
+    json: a JSON schema (JSON text); regex: a regular expression the whole output matches;
+    grammar: a Lark or GBNF grammar; choice: a JSON list of the strings the output may be.
+    Compiled by llguidance (llmserve/grammar) where tokens are sampled.
+    """
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        _check(self.kind in STRUCTURED_KINDS, f"structured output kind must be one of {STRUCTURED_KINDS}, "
+                                              f"got {self.kind!r}")
+        _check(isinstance(self.spec, str) and bool(self.spec), "a structured output needs a non-empty spec")
 
 
 @dataclass(slots=True)
@@ -37,6 +56,8 @@ class SamplingParams:
     # log-probabilities of the prompt's tokens (each given the ones before it), with this many top
     # alternatives; None: not computed. Such a request recomputes its prompt (no prefix-cache hit).
     prompt_logprobs: int | None = None
+    # constrain the output (JSON schema, regex, grammar, choice); None: free text
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -51,7 +51,9 @@ def make_engine(hf_model, *, num_blocks: int = 64, block_size: int = 4, max_num_
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig("cpu", "float32"))
-    engine = Engine(model, config, engine_config, tokenizer=tokenizer)
+    # the core finds the tokenizer by path, for grammars (structured outputs)
+    tokenizer_path = getattr(tokenizer, "name_or_path", None) or None
+    engine = Engine(model, config, engine_config, tokenizer=tokenizer, tokenizer_path=tokenizer_path)
     engine.hf_source = hf_model  # what a parallel test core loads (LLMSERVE_TEST_TP)
     return engine
 

@@ -70,9 +70,9 @@ def test_two_pipeline_stages_keep_two_steps_in_flight(hf_dir):
         core, in_flight_at_launch = llm.engine.core, []
         launch = core.runner.launch_step
 
-        def counting_launch(out):
+        def counting_launch(out, *args):
             in_flight_at_launch.append(len(core._pipeline))
-            launch(out)
+            launch(out, *args)
         core.runner.launch_step = counting_launch
         llm.generate(PROMPTS, GREEDY)
     assert max(in_flight_at_launch) == 1  # a step launched while the other stage still ran one
@@ -247,3 +247,30 @@ def test_all_reduce_time_is_counted_per_call_on_rank_0(hf_dir):
         llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert timer.count == 4 * (2 * SHAPE["num_hidden_layers"] + 1)  # 4 steps: the prefill, then 3 decodes
     assert timer.total_ms() > 0
+
+
+def test_grammar_masks_reach_the_sampling_rank(checkpoint):
+    """Constrained requests at tp=2 x pp=2 (masks sent with the step to the sampling rank, two steps in
+    flight over disjoint requests) take exactly one rank's tokens, and they follow their grammars."""
+    import re
+
+    from llmserve.sampling_params import StructuredOutputs
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["n", "tag"],
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "tag": {"enum": ["a", "b"]}}}
+    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputs("json", json.dumps(schema))),
+              SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputs("regex", "[a-z]{3,9}")),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),  # unconstrained, same batch
+              SamplingParams(temperature=1.0, seed=5, max_tokens=12,
+                             structured_outputs=StructuredOutputs("choice", json.dumps(["north", "south"])))]
+    prompts = ["Hello there", "Some words:", "Once upon", "Go"]
+
+    def run(**split) -> list[tuple[list[int], str]]:
+        with LLM(str(checkpoint), num_blocks=256, block_size=16, **split) as llm:
+            return [(r.outputs[0].token_ids, r.outputs[0].text) for r in llm.generate(prompts, params)]
+
+    want = run()
+    assert run(tensor_parallel_size=2, pipeline_parallel_size=2) == want
+    (_, as_json), (_, word), _, (_, direction) = want
+    assert set(json.loads(as_json)) == {"n", "tag"} and re.fullmatch("[a-z]{3,9}", word)
+    assert direction in ("north", "south")

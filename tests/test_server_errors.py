@@ -9,6 +9,9 @@ import pytest
 
 from tests.server_helpers import make_tiny_engine, smollm2_tokenizer_or_none, start_server
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 USER = [{"role": "user", "content": "Tell me a story."}]
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 LONG = " ".join(["word"] * 1100)  # over the tiny engine's 1024-token context
@@ -65,8 +68,49 @@ BAD_INPUTS = [
     (CHAT, {"messages": USER, "temperature": 1e39}, 400, "temperature"),
     (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
     (CHAT, {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]}]},
+     400, "messages[1].tool_calls[0]"),
+    (CHAT, {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     400, "messages[1].tool_calls[0].function.arguments"),
+    (CHAT, {"messages": [*USER, {"role": "user", "content": "x", "tool_calls": [TOOL_CALL]}]},
      400, "messages[1].tool_calls"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"messages": [*USER, {"role": "tool", "content": "18 C", "tool_call_id": "call_never_made"}]},
+     400, "messages[1].tool_call_id"),
+    (CHAT, {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                         {"role": "tool", "content": "18 C"}]}, 400, "messages[2].tool_call_id"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "has space"}}]},
+     400, "tools[0].function.name"),
+    (CHAT, {"messages": USER, "tools": [WEATHER_TOOL, WEATHER_TOOL]}, 400, "tools"),
+    (CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     400, "tool_choice"),
+    (CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    (CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls"),
+    (CHAT, {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": "required",
+            "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "if": {}, "then": {}}}}], "tool_choice": "required"},
+     400, "tool_choice"),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+     400, "response_format.json_schema.schema"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}}}},
+     400, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "colour"}}}}}}, 400, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/definitions/missing"}}}}, 400, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400, "guided_regex"),
+    (CHAT, {"messages": USER, "guided_json": "{not json"}, 400, "guided_json"),
+    (CHAT, {"messages": USER, "guided_choice": []}, 400, "guided_choice"),
+    (CHAT, {"messages": USER, "structured_outputs": {"regex": "a", "choice": ["a"]}}, 400, "structured_outputs"),
+    (CHAT, {"messages": USER, "structured_outputs": {"regex": "(unclosed"}}, 400, "structured_outputs"),
+    (COMPLETIONS, {"prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}, 400, "structured_outputs"),
+    (COMPLETIONS, {"prompt": "x", "guided_grammar": 7}, 400, "guided_grammar"),
+    (COMPLETIONS, {"prompt": "x", "tools": [WEATHER_TOOL]}, 400, "tools"),
     (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model"),
     (CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     (CHAT, {"messages": USER, "max_tokens": 5000}, 400, "max_tokens"),

@@ -45,6 +45,9 @@ def request_kwargs(prompt_token_ids: list[int], params: SamplingParams, eos_toke
     """Keyword arguments of TensorRT-LLM's Request (all but sampling_config) for a streaming request."""
     if params.logit_bias:
         raise ValueError("logit_bias is not supported with the TensorRT-LLM backend yet")
+    if params.structured_outputs is not None:
+        raise ValueError("structured outputs (response_format, guided decoding, forced tool calls) are not "
+                         "supported with the TensorRT-LLM backend yet")
     max_tokens = params.max_tokens or max(1, max_seq_len - len(prompt_token_ids))
     end_id = eos_token_ids[0] if eos_token_ids else -1
     stop_ids = list(params.stop_token_ids)

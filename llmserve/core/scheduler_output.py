@@ -63,6 +63,15 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
         return not self.num_scheduled_tokens
 
 
+class GrammarBitmask(msgspec.Struct, array_like=True):
+    """The tokens the constrained requests of a step may sample: per request one row of ceil(V / 32)
+    little-endian int32 words, bit t of the row set when token t is allowed. Requests not named are
+    unconstrained. Computed by the engine core's grammar matchers, applied by the runner's sampler."""
+
+    request_ids: list[str]
+    words: bytes  # len(request_ids) rows, back to back
+
+
 class ModelRunnerOutput(msgspec.Struct, array_like=True):
     """One sampled token per request that sampled this step, in the runner's batch order."""
 

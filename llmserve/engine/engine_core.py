@@ -23,6 +23,8 @@ from llmserve.core.scheduler import AdvancedStep, Scheduler
 from llmserve.core.scheduler_output import ModelRunnerOutput
 from llmserve.core.request_check import check_request
 from llmserve.core.sequence import FinishReason, Sequence, SequenceStatus
+from llmserve.grammar.compiler import GrammarCompiler
+from llmserve.grammar.matchers import GrammarMatchers
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.model_runner import LaunchedStep, ModelRunner, kv_cache_dtype
 from llmserve.worker.profiling import num_kv_blocks
@@ -57,6 +59,8 @@ class EngineCore:
             self.runner = ParallelModelRunner(model, ranks.local_config(), config, num_blocks, ranks.parallel,
                                               describe_ranks=ranks.describe)
         self.scheduler = Scheduler(config.scheduler, self.kv, model_config.eos_token_id)
+        self.grammars = GrammarMatchers(GrammarCompiler.for_path(tokenizer_path, model_config.vocab_size,
+                                                                 model_config.eos_token_id))
         async_scheduling = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
         if ranks is not None:
@@ -136,6 +140,8 @@ class EngineCore:
         room = self.max_model_len - len(prompt)
         seq = Sequence(request.request_id, list(prompt), request.params,
                        max_output_tokens=min(request.params.max_tokens or room, room))
+        if request.params.structured_outputs is not None:
+            self.grammars.add(request.request_id, request.params.structured_outputs)
         self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(prompt)
         if request.queue_timeout is not None:
@@ -145,6 +151,7 @@ class EngineCore:
         """End these requests now and free their blocks; unknown or ended ids are ignored."""
         for request_id in request_ids:
             self.scheduler.abort(request_id)
+            self.grammars.remove(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._pipeline)
@@ -174,7 +181,9 @@ class EngineCore:
             outputs = self._step_overlapped()
         else:
             out = self.scheduler.schedule()
-            result = self.runner.execute(out)  # an empty step only drops finished requests' state
+            masks = self.grammars.bitmask_async(list(out.sampling_request_ids)) if self.grammars else None
+            # an empty step only drops finished requests' state; the masks are computed during the forward pass
+            result = self.runner.execute(out, masks.result if masks is not None else None)
             outputs = self._outputs(self.scheduler.update(out, result), result)
         return EngineCoreOutputs(expired + outputs, self.stats(), time.time())
 
@@ -190,6 +199,7 @@ class EngineCore:
                 del self._start_deadlines[request_id]
             if never_started and deadline <= now:
                 self.scheduler.abort(request_id)
+                self.grammars.remove(request_id)
                 expired.append(EngineCoreOutput(request_id, [], finish_reason="queue_timeout"))
         return expired
 
@@ -201,9 +211,17 @@ class EngineCore:
             self.runner.execute(out)  # nothing runs; the runner drops finished requests' state
             return self._finish_in_flight()
         previous = self._in_flight[0] if self._in_flight is not None else None
-        launched = self.runner.launch(out, previous)
-        advanced = self.scheduler.advance(out)
-        outputs = self._finish_in_flight()  # waits for the previous step while this one runs
+        constrained = self.grammars.constrained(out.sampling_request_ids) if self.grammars else []
+        if constrained:
+            # the masks need the previous step's tokens: sample once they are in, the forward pass runs meanwhile
+            forward = self.runner.launch_forward(out, previous)
+            advanced = self.scheduler.advance(out)
+            outputs = self._finish_in_flight()
+            launched = self.runner.launch_sampling(forward, self.grammars.bitmask(constrained))
+        else:
+            launched = self.runner.launch(out, previous)
+            advanced = self.scheduler.advance(out)
+            outputs = self._finish_in_flight()  # waits for the previous step while this one runs
         self._in_flight = (launched, advanced)
         return outputs
 
@@ -213,8 +231,9 @@ class EngineCore:
         scheduler = self.scheduler
         share = max(1, -(-(len(scheduler.running) + len(scheduler.waiting)) // self.pipeline_depth))
         out = scheduler.schedule(max_seqs=share, skip_pending=True)
-        if not out.is_empty:
-            self.runner.launch_step(out)
+        if not out.is_empty:  # its requests have no token in flight: their matchers are up to date
+            masks = self.grammars.bitmask(list(out.sampling_request_ids)) if self.grammars else None
+            self.runner.launch_step(out, masks)
             self._pipeline.append(scheduler.advance(out))
         elif out.finished_request_ids or out.preempted_request_ids:
             self.runner.launch_step(out)  # nothing runs; the ranks drop those requests' state
@@ -238,7 +257,20 @@ class EngineCore:
         """One output per request that took a token (from `Scheduler.resolve`), in the runner's batch order."""
         self._gather_prompt_logprobs(result, {seq.request_id: seq for seq, _ in updated})
         self.num_generation_tokens_total += len(updated)
+        if self.grammars:
+            self._advance_grammars(updated, result)
         return [self._output(seq, result, row) for seq, row in updated]
+
+    def _advance_grammars(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput) -> None:
+        """Feed each constrained request its new token; one whose grammar is complete (only EOS could
+        follow) or broken ends here with "stop", and a finished one drops its matcher."""
+        constrained = [(seq, row) for seq, row in updated if seq.request_id in self.grammars]
+        ended = set(self.grammars.accept([(seq.request_id, result.sampled_token_ids[row]) for seq, row in constrained]))
+        for seq, _ in constrained:
+            if seq.request_id in ended and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            if seq.is_finished:
+                self.grammars.remove(seq.request_id)
 
     def _gather_prompt_logprobs(self, result: ModelRunnerOutput, updated: dict[str, Sequence]) -> None:
         """Keep each request's scored prompt tokens on its sequence, in order; a preempted request that
@@ -252,13 +284,13 @@ class EngineCore:
             if scored.first_position == len(kept) + 1:
                 kept.extend(scored.entries)
 
-    @staticmethod
-    def _output(seq: Sequence, result: ModelRunnerOutput, row: int) -> EngineCoreOutput:
+    def _output(self, seq: Sequence, result: ModelRunnerOutput, row: int) -> EngineCoreOutput:
         token_id = result.sampled_token_ids[row]
         finish_reason = stop_reason = None
         if seq.is_finished:
             finish_reason = seq.finish_reason.value
-            if seq.finish_reason is FinishReason.STOP:
+            ended_by_token = token_id in seq.params.stop_token_ids or token_id in self.scheduler.eos_token_ids
+            if seq.finish_reason is FinishReason.STOP and ended_by_token:  # not a completed grammar
                 stop_reason = token_id
         logprobs = None
         if seq.params.logprobs is not None:

@@ -11,6 +11,7 @@ the template, exactly as HuggingFace does.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 
@@ -19,21 +20,26 @@ class ChatTemplateError(ValueError):
     """The messages cannot be turned into a prompt by this model's chat template."""
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` in the tokenizer's chat template; special-token text in a message stays text."""
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template; special-token text in a message stays text.
+    `tools`: OpenAI tool objects, for a template that renders them."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError("this model has no chat template")
-    text = _render(tokenizer, messages, add_generation_prompt)
+    render = functools.partial(_render, tools=tools)
+    text = render(tokenizer, messages, add_generation_prompt)
     specials = _special_texts(tokenizer)
     risky = {i for i, message in enumerate(messages) if _holds_special_text(message.get("content"), specials)}
     if not risky:
         return tokenizer.encode(text, add_special_tokens=False)  # the template emits any BOS itself
-    return _encode_with_plain_messages(tokenizer, messages, risky, text, add_generation_prompt)
+    return _encode_with_plain_messages(tokenizer, messages, risky, text, add_generation_prompt, render)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    extra = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     except Exception as exc:  # templates raise on e.g. roles out of order
         raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from exc
 
@@ -50,13 +56,13 @@ def _holds_special_text(content, specials: tuple[str, ...]) -> bool:
 
 
 def _encode_with_plain_messages(tokenizer, messages: list[dict], risky: set[int], text: str,
-                                add_generation_prompt: bool) -> list[int]:
+                                add_generation_prompt: bool, render=_render) -> list[int]:
     # private-use characters: in no special token, so no marker can form across a placeholder
     placeholders = {f"\ue000{uuid.uuid4().hex}\ue001": i for i in risky}
     masked = list(messages)
     for placeholder, i in placeholders.items():
         masked[i] = {**messages[i], "content": placeholder}
-    pieces = re.split("(" + "|".join(placeholders) + ")", _render(tokenizer, masked, add_generation_prompt))
+    pieces = re.split("(" + "|".join(placeholders) + ")", render(tokenizer, masked, add_generation_prompt))
     contents = _rendered_contents(pieces, placeholders, messages, text)
     ids = []
     for piece in pieces:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from llmserve.frontend.engine_client import EngineClient
 from llmserve.frontend.generation_config import generation_defaults
+from llmserve.grammar.compiler import GrammarCompiler
 from llmserve.server.errors import APIError
 from llmserve.server.logprobs import TokenPieces
 
@@ -38,11 +39,13 @@ class ServedModel:
     build: EngineBuild | None = None  # run by the app's cleanup context while status is 'building'
     num_reserved: int = 0
     _sampling_defaults: dict | None = None
+    _grammars: GrammarCompiler | None = None
 
     def mark_ready(self, engine: EngineClient) -> None:
         self.status, self.engine, self.error, self.build = READY, engine, None, None
         self.token_pieces = TokenPieces(engine.tokenizer)
         self._sampling_defaults = None
+        self._grammars = None
 
     @property
     def sampling_defaults(self) -> dict:
@@ -50,6 +53,15 @@ class ServedModel:
         if self._sampling_defaults is None:
             self._sampling_defaults = generation_defaults(self.engine.info.tokenizer_path)
         return self._sampling_defaults
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Checks structured outputs against this model's tokenizer (built on the first one)."""
+        if self._grammars is None:
+            engine = self.engine
+            self._grammars = GrammarCompiler(lambda: engine.tokenizer, engine.info.vocab_size,
+                                             engine.info.eos_token_ids)
+        return self._grammars
 
     @property
     def num_waiting(self) -> int:

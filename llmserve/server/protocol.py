@@ -17,14 +17,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmserve.frontend.chat_template import ChatTemplateError, encode_chat
-from llmserve.sampling_params import SamplingParams
+from llmserve.sampling_params import SamplingParams, StructuredOutputs
 from llmserve.server.errors import bad_request
 from llmserve.server.fields import (get_bool, get_int, get_int_list, get_number, get_object, get_str,
                                     get_str_list, is_token_ids)
+from llmserve.server.structured import parse_structured_outputs
+from llmserve.server.tools import (ToolCalling, check_tool_calls, check_tool_results, parse_tools, prompt_messages,
+                                   template_renders_tools)
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # fields whose meaning we cannot honour: refusing beats silently ignoring them
-UNSUPPORTED = ("tools", "functions", "suffix")
+UNSUPPORTED = ("functions", "function_call", "suffix")
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows
 # Every generated token is checked against each stop string and stop id, inside the engine step
 # that all requests share: unbounded lists let one request slow every other stream. OpenAI
@@ -47,6 +50,7 @@ class GenerationRequest:
     echo: bool = False
     prompt_texts: list[str] | None = None  # set only when echo is on
     score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated
+    tool_calling: ToolCalling | None = None  # chat with tools the model may call
 
 
 @dataclass(slots=True)
@@ -57,6 +61,9 @@ class Limits:
     max_n: int
     max_prompts: int
     defaults: dict = field(default_factory=dict)  # the model's generation defaults for omitted fields
+    # checks a structured output against the model's tokenizer (grammar.compiler.GrammarCompiler); None:
+    # this engine cannot constrain its output
+    grammars: object | None = None
 
 
 def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
@@ -66,10 +73,20 @@ def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
     top_logprobs = get_int(body, "top_logprobs", 0)
     if top_logprobs and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    calling = parse_tools(body)
+    structured, structured_field = parse_structured_outputs(body)
+    if calling is not None and calling.forces_call:
+        if structured is not None:
+            raise bad_request(f"'{structured_field}' cannot be combined with a forced tool call ('tool_choice')",
+                              structured_field)
+        structured, structured_field = calling.constraint(), "tool_choice"
     params = _sampling_params(body, limits, default_max_tokens=None,
-                              logprobs=top_logprobs if logprobs else None, logprobs_field="top_logprobs")
-    prompt = apply_chat_template(tokenizer, messages)
-    return GenerationRequest(_model(body), [prompt], params, *_stream(body))
+                              logprobs=top_logprobs if logprobs else None, logprobs_field="top_logprobs",
+                              structured=structured, structured_field=structured_field)
+    native = template_renders_tools(tokenizer)
+    tools = calling.tools if calling is not None and native else None
+    prompt = apply_chat_template(tokenizer, prompt_messages(messages, calling, native), tools)
+    return GenerationRequest(_model(body), [prompt], params, *_stream(body), tool_calling=calling)
 
 
 def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
@@ -81,8 +98,12 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest
     # for the engine's sake and left out of the response)
     score_only = echo and body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
     logprobs = get_int(body, "logprobs")
+    if body.get("tools"):
+        raise bad_request("'tools' belongs to /v1/chat/completions", "tools")
+    structured, structured_field = parse_structured_outputs(body)
     params = _sampling_params({**body, "max_tokens": 1} if score_only else body, limits, default_max_tokens=16,
-                              logprobs=logprobs, logprobs_field="logprobs")
+                              logprobs=logprobs, logprobs_field="logprobs",
+                              structured=structured, structured_field=structured_field)
     if echo:
         texts = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(texts, prompts)]
         if logprobs is not None:  # the prompt's tokens get log-probabilities too, computed in its prefill
@@ -91,12 +112,12 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest
                              prompt_texts=texts if echo else None, score_only=score_only)
 
 
-def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+def apply_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Template with the generation prompt as token ids; special-token text inside messages stays plain text."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     try:
-        return encode_chat(tokenizer, messages)
+        return encode_chat(tokenizer, messages, tools=tools)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from exc
 
@@ -118,7 +139,9 @@ def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array", "messages")
-    return [_message(m, i) for i, m in enumerate(messages)]
+    checked = [_message(m, i) for i, m in enumerate(messages)]
+    check_tool_results(checked)
+    return checked
 
 
 def _message(message, index: int) -> dict:
@@ -128,12 +151,20 @@ def _message(message, index: int) -> dict:
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise bad_request(f"{param}.role must be one of {', '.join(CHAT_ROLES)}", f"{param}.role")
-    if message.get("tool_calls"):
-        raise bad_request(f"{param}.tool_calls is not supported by this server", f"{param}.tool_calls")
     content = message.get("content")
-    if content is None and role == "assistant":  # OpenAI allows it (e.g. after a refusal); nothing was said
+    if content is None and role == "assistant":  # OpenAI allows it (a refusal, tool calls); nothing was said
         content = ""
-    return {"role": role, "content": _content(content, f"{param}.content")}
+    checked = {"role": role, "content": _content(content, f"{param}.content")}
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise bad_request(f"{param}.tool_calls is only allowed in assistant messages", f"{param}.tool_calls")
+        checked["tool_calls"] = check_tool_calls(message["tool_calls"], f"{param}.tool_calls")
+    if role == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise bad_request(f"{param}.tool_call_id must be the id of the call this message answers",
+                              f"{param}.tool_call_id")
+        checked["tool_call_id"] = message["tool_call_id"]
+    return checked
 
 
 def _content(content, param: str) -> str:
@@ -184,7 +215,8 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
 
 
 def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | None,
-                     logprobs: int | None, logprobs_field: str) -> SamplingParams:
+                     logprobs: int | None, logprobs_field: str, structured: StructuredOutputs | None = None,
+                     structured_field: str | None = None) -> SamplingParams:
     for name in UNSUPPORTED:
         if body.get(name):
             raise bad_request(f"'{name}' is not supported by this server", name)
@@ -209,7 +241,8 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
                                     max_items=MAX_STOP_TOKEN_IDS, why=STOP_LIMIT_REASON),
         skip_special_tokens=get_bool(body, "skip_special_tokens", True),
         include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs,
-        logit_bias=_logit_bias(body, limits.vocab_size))
+        logit_bias=_logit_bias(body, limits.vocab_size),
+        structured_outputs=_checked_grammar(structured, structured_field, limits))
     get_str(body, "user")  # accepted for OpenAI compatibility; never logged
     try:
         return SamplingParams(**fields)
@@ -217,3 +250,17 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
         field = str(exc).split(" ", 1)[0]
         param = {"logprobs": logprobs_field, "max_tokens": max_tokens_field}.get(field, field)
         raise bad_request(str(exc).replace(field, param, 1), param) from exc
+
+
+def _checked_grammar(spec: StructuredOutputs | None, param: str | None, limits: Limits) -> StructuredOutputs | None:
+    """`spec`, once compiled against the model's tokenizer: a schema, regex or grammar that cannot be
+    enforced is a 400 here, never prose in a 200."""
+    if spec is None:
+        return None
+    if limits.grammars is None:
+        raise bad_request("structured outputs and forced tool calls are not supported by this engine", param)
+    try:
+        limits.grammars.check(spec)
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from exc
+    return spec

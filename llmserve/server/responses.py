@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from llmserve.core.sampled_token import SampledToken
 from llmserve.frontend.engine_client import RequestOutput
 from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs
+from llmserve.server.tools import ToolCalling, ToolCallParser
 
 
 @dataclass(slots=True)
@@ -99,22 +100,52 @@ class ChatRenderer(Renderer):
     chunk_object_name = "chat.completion.chunk"
     prompt_param = "messages"
 
+    def __init__(self, *args, tool_calling: ToolCalling | None = None, **kwargs):
+        """`tool_calling`: the request's tools; the output is then split into content and tool calls."""
+        super().__init__(*args, **kwargs)
+        self.tool_calling = tool_calling
+        self._parsers: dict[int, ToolCallParser] = {}  # per streamed choice
+
     def opening_chunks(self, num_choices: int) -> list[dict]:
         return [self.chunk([_chat_delta(i, {"role": "assistant", "content": ""})]) for i in range(num_choices)]
 
     def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
-        chunks = []
-        if output.new_text or output.new_logprobs:
-            logprobs = chat_logprobs(self.pieces, output.new_logprobs) if output.new_logprobs else None
-            chunks.append(self.chunk([_chat_delta(choice.index, {"content": output.new_text}, logprobs)]))
+        logprobs = chat_logprobs(self.pieces, output.new_logprobs) if output.new_logprobs else None
+        if self.tool_calling is None:
+            deltas = [{"content": output.new_text}] if output.new_text or logprobs else []
+            finish_reason = output.finish_reason
+        else:
+            parser = self._parsers.setdefault(choice.index, ToolCallParser())
+            deltas = parser.feed(output.new_text)
+            if output.finished:
+                deltas += parser.finish()
+            if logprobs and not deltas:
+                deltas = [{}]  # the tokens are held back (a call may be starting); their logprobs are not
+            finish_reason = _tool_finish_reason(output.finish_reason, parser.calls)
+        chunks = [self.chunk([_chat_delta(choice.index, delta, logprobs if i == 0 else None)])
+                  for i, delta in enumerate(deltas)]
         if output.finished:
-            chunks.append(self.chunk([_chat_delta(choice.index, {}, finish_reason=output.finish_reason)]))
+            chunks.append(self.chunk([_chat_delta(choice.index, {}, finish_reason=finish_reason)]))
         return chunks
 
     def choice(self, choice: ChoiceState) -> dict:
         logprobs = chat_logprobs(self.pieces, choice.logprobs) if choice.logprobs is not None else None
-        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+        message, finish_reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+        if self.tool_calling is not None:
+            parser = ToolCallParser()
+            parser.feed(choice.text)
+            parser.finish()
+            message["content"], calls = parser.message()
+            if calls:
+                message["tool_calls"] = calls
+            finish_reason = _tool_finish_reason(finish_reason, calls)
+        return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": choice.stop_reason}
+
+
+def _tool_finish_reason(finish_reason: str | None, calls: list[dict]) -> str | None:
+    """OpenAI's "tool_calls" when the output ended by itself after calling tools."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def _chat_delta(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:

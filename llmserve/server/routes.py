@@ -12,9 +12,11 @@ from llmserve.server.models import ServedModel
 from llmserve.server.protocol import GenerationRequest, Limits, parse_chat, parse_completion
 from llmserve.server.responses import ChatRenderer, CompletionRenderer
 from llmserve.server.serving import read_json, serve_generation
+from llmserve.server.structured import wants_grammar
 from llmserve.server.state import CONFIG, METRICS, MODELS, SHUTTING_DOWN, STARTED, TOKENIZING
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+OFF_LOOP = 2**62  # a "size" that sends the parse to the tokenizing thread whatever the body's size
 
 
 def _select(request: web.Request, body: dict) -> ServedModel:
@@ -26,7 +28,7 @@ def _select(request: web.Request, body: dict) -> ServedModel:
 def _limits(app: web.Application, model: ServedModel) -> Limits:
     defaults = model.sampling_defaults if app[CONFIG].generation_config == "auto" else {}
     return Limits(vocab_size=model.engine.info.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS,
-                  defaults=defaults)
+                  defaults=defaults, grammars=model.grammars)
 
 
 def _tokenizer(model: ServedModel):
@@ -37,17 +39,19 @@ def _tokenizer(model: ServedModel):
 
 
 async def _parse(request: web.Request, parse) -> tuple[ServedModel, GenerationRequest]:
-    """The chosen model and the parsed body; a large body is tokenized off the event loop."""
+    """The chosen model and the parsed body; a large body, and any that compiles a grammar, is parsed off
+    the event loop."""
     body, num_bytes = await read_json(request)
     model = _select(request, body)
     args = (body, _tokenizer(model), _limits(request.app, model))
-    return model, await request.app[TOKENIZING].run(num_bytes, parse, *args)
+    cost = OFF_LOOP if wants_grammar(body) else num_bytes
+    return model, await request.app[TOKENIZING].run(cost, parse, *args)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     model, gen = await _parse(request, parse_chat)
     renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
-                            include_usage=gen.include_usage)
+                            include_usage=gen.include_usage, tool_calling=gen.tool_calling)
     return await serve_generation(request, model, gen, renderer)
 
 

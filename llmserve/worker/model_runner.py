@@ -11,6 +11,7 @@ copied there from the previous step's samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -20,7 +21,7 @@ import torch
 from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.config import CacheConfig, DeviceConfig
 from llmserve.core.messages import PromptLogprobs, TokenLogprobs
-from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from llmserve.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from llmserve.core.sequence import PLACEHOLDER
 from llmserve.ops.attention import AttentionMetadata
 from llmserve.worker.prompt_logprobs import PromptScoring, score_prompt_tokens
@@ -41,6 +42,19 @@ class LaunchedStep:
     num_top: int  # top logprobs per row in `host`
     has_logprobs: bool
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # scored now (a host sync)
+
+
+@dataclass(slots=True)
+class ForwardStep:
+    """A step whose forward pass is queued and whose tokens are not sampled yet."""
+
+    logits: torch.Tensor | None  # [B_sample, V]; None when nothing samples
+    states: list[RequestState]  # the sampling requests, in row order
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+
+
+# returns the step's grammar masks when called (None: no constrained request)
+GrammarSource = Callable[[], GrammarBitmask | None]
 
 
 @dataclass(slots=True)
@@ -89,23 +103,38 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // self.block_size),
                                        scratch_block=num_blocks, block_size=self.block_size)
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, out: SchedulerOutput, grammar_bitmask: GrammarSource | None = None) -> ModelRunnerOutput:
         """Run the step and wait for its samples."""
-        return self.collect(self.launch(out))
+        return self.collect(self.launch(out, grammar_bitmask=grammar_bitmask))
+
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None,
+               grammar_bitmask: GrammarSource | None = None) -> LaunchedStep:
+        """Queue the step on the device (CPU: run it); `previous` supplies in-flight decode inputs.
+        `grammar_bitmask` is called once the forward pass is queued (on CPU: done), just before sampling,
+        so the caller can compute the masks meanwhile (e.g. it returns a future's result)."""
+        forward = self.launch_forward(out, previous)
+        return self.launch_sampling(forward, grammar_bitmask() if grammar_bitmask is not None else None)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue the step on the device (CPU: run it); `previous` supplies in-flight decode inputs."""
+    def launch_forward(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> ForwardStep:
+        """The first half of `launch`: inputs, forward pass and logits, nothing sampled yet."""
         batch = self.prepare_inputs(out, previous)
         if batch is None:
-            return LaunchedStep([], None, None, None, 0, False)
+            return ForwardStep(None, [])
         hidden = self._forward(batch)
         scored = self.score_prompts(hidden, batch)
         if hidden is None or not batch.sample_states:  # None: a pipeline stage before the last (profiling run)
-            return LaunchedStep([], None, None, None, 0, False, scored)
+            return ForwardStep(None, [], scored)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [B, V]
-        step = self.sample(logits, batch.sample_states)
-        step.prompt_logprobs = scored
+        return ForwardStep(logits, batch.sample_states, scored)
+
+    @torch.inference_mode()
+    def launch_sampling(self, forward: ForwardStep, grammar_bitmask: GrammarBitmask | None = None) -> LaunchedStep:
+        """The second half of `launch`: sample from the step's logits, within the grammar masks."""
+        if forward.logits is None:
+            return LaunchedStep([], None, None, None, 0, False, forward.prompt_logprobs)
+        step = self.sample(forward.logits, forward.states, grammar_bitmask)
+        step.prompt_logprobs = forward.prompt_logprobs
         return step
 
     def score_prompts(self, hidden: torch.Tensor | None, batch: BatchInputs, keep: bool = True
@@ -119,9 +148,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])  # [R, V]
         return score_prompt_tokens(logits, scoring) if keep else []
 
-    def sample(self, logits: torch.Tensor, states: list[RequestState]) -> LaunchedStep:
+    def sample(self, logits: torch.Tensor, states: list[RequestState],
+               grammar_bitmask: GrammarBitmask | None = None) -> LaunchedStep:
         """Sample a token per row of `logits` [B, V], leave a placeholder in each request until `collect`."""
-        result = self.sampler(logits, states)
+        result = self.sampler(logits, states, allowed_words(grammar_bitmask, states, logits))
         sampled = []
         for row, state in enumerate(states):  # after sampling: it counts outputs so far
             state.last_sample_row = row
@@ -214,6 +244,25 @@ class ModelRunner:
         ids, pos, slot, ctx, qsl, logit_idx, rows, sources, table_flat = host.split(sizes)
         as_int32 = [t.to(torch.int32) for t in (ctx, qsl, table_flat)]
         return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, rows, sources, as_int32[2].view(table.shape)]
+
+
+def allowed_words(bitmask: GrammarBitmask | None, states: list[RequestState], logits: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """The sampler's [B, W] int32 bitmask on the logits' device, a row per sampling request in batch
+    order; rows of unconstrained requests allow every token."""
+    if bitmask is None or not bitmask.request_ids:
+        return None
+    masks = np.frombuffer(bitmask.words, dtype=np.int32).reshape(len(bitmask.request_ids), -1)
+    assert masks.shape[1] * 32 >= logits.shape[1], "the grammar bitmask is narrower than the vocabulary"
+    index = {request_id: i for i, request_id in enumerate(bitmask.request_ids)}
+    sources = np.array([index.get(state.request_id, -1) for state in states])
+    rows = np.full((len(states), masks.shape[1]), -1, dtype=np.int32)
+    constrained = sources >= 0
+    rows[constrained] = masks[sources[constrained]]
+    host = torch.from_numpy(rows)
+    if logits.is_cuda:
+        return host.pin_memory().to(logits.device, non_blocking=True)
+    return host
 
 
 def _start_copy(sampled: list[tuple[RequestState, int]], result) -> LaunchedStep:

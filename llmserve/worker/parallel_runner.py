@@ -33,9 +33,9 @@ import torch
 
 from llmserve.checkpoint.convert import Mapping
 from llmserve.config import EngineConfig
-from llmserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from llmserve.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from llmserve.core.sequence import PLACEHOLDER
-from llmserve.worker.model_runner import LaunchedStep, ModelRunner
+from llmserve.worker.model_runner import GrammarSource, LaunchedStep, ModelRunner
 from llmserve.worker.profiling import num_kv_blocks
 from llmserve.distributed import ParallelState, init_distributed, rank_config, shutdown_distributed
 
@@ -63,6 +63,7 @@ class StepMessage(msgspec.Struct, array_like=True):
     step_no: int
     scheduler_output: SchedulerOutput
     results: list[ForwardedResult] = []
+    grammar_bitmask: GrammarBitmask | None = None  # for the sampling rank
 
 
 _MESSAGE_DECODER = msgspec.msgpack.Decoder(StepMessage)
@@ -92,20 +93,22 @@ class ParallelModelRunner(ModelRunner):
         self._own_results: dict[int, ModelRunnerOutput] = {}  # rank 0 when it samples (one pipeline stage)
         self._to_forward: list[ForwardedResult] = []
 
-    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None,
+               grammar_bitmask: GrammarSource | None = None) -> LaunchedStep:
         raise NotImplementedError("a parallel engine launches with launch_step and collects with collect_step")
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Rank 0, one step at a time."""
-        self.launch_step(out)
+    def execute(self, out: SchedulerOutput, grammar_bitmask: GrammarSource | None = None) -> ModelRunnerOutput:
+        """Rank 0, one step at a time; the grammar masks are awaited before the step is sent (the sampling
+        rank needs them with it)."""
+        self.launch_step(out, grammar_bitmask() if grammar_bitmask is not None else None)
         return self.collect_step() if not out.is_empty else ModelRunnerOutput()
 
-    def launch_step(self, out: SchedulerOutput) -> None:
+    def launch_step(self, out: SchedulerOutput, grammar_bitmask: GrammarBitmask | None = None) -> None:
         """Rank 0: hand the step to every rank and run this rank's stage of it; its tokens come from
         `collect_step`, in launch order."""
         with self._failures():
             self._step_no += 1
-            message = StepMessage(self._step_no, out, self._to_forward)
+            message = StepMessage(self._step_no, out, self._to_forward, grammar_bitmask)
             self._to_forward = []
             self.parallel.post_bytes(_ENCODER.encode(message), self.parallel.control_group)
             self.run_stage(message)
@@ -145,7 +148,7 @@ class ParallelModelRunner(ModelRunner):
             for state in states:
                 state.output_token_ids.append(PLACEHOLDER)
             return
-        result = self.collect(self.sample(logits, states)) if states else ModelRunnerOutput()
+        result = self.collect(self.sample(logits, states, message.grammar_bitmask)) if states else ModelRunnerOutput()
         result.prompt_logprobs = scored
         if parallel.rank == 0:
             self._own_results[message.step_no] = result

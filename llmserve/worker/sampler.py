@@ -1,8 +1,9 @@
 """Picks the next token of each sequence from its logits, batch-wise and with no host syncs.
 
 Order (as vLLM): logprobs of the raw logits; repetition, presence and frequency penalties;
-the min_tokens mask on stop ids; then greedy rows take the argmax and random rows go
-through temperature -> top-k -> top-p -> min-p -> the exponential race.
+logit_bias; the grammar bitmask of constrained rows; the min_tokens mask on stop ids; then
+greedy rows take the argmax and random rows go through temperature -> top-k -> top-p -> min-p
+-> the exponential race.
 A seeded row's noise is a counter-based hash of (seed, output position, token id), computed
 for all seeded rows at once: the same tokens alone or in any batch, at about the cost of an
 unseeded row, and with no generator state to keep.
@@ -45,12 +46,16 @@ class Sampler:
     def __init__(self, eos_token_ids: Sequence[int] = ()):
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Sample from `logits` [B, V] (any float dtype; computed in float32); never mutates it."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 allowed_words: torch.Tensor | None = None) -> SamplerOutput:
+        """Sample from `logits` [B, V] (any float dtype; computed in float32); never mutates it.
+        `allowed_words` [B, ceil(V / 32)] int32 on the logits' device: the grammar bitmask (all bits
+        set in unconstrained rows)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "logits must be [len(rows), V]"
         raw = logits.float()
         logits = apply_penalties(raw, rows)
         logits = apply_logit_bias(logits, rows)
+        logits = apply_token_bitmask(logits, allowed_words)
         logits = mask_stop_ids(logits, rows, self.eos_token_ids)
         token_ids = _pick(logits, rows)
         return _with_logprobs(token_ids, raw, rows)
@@ -95,6 +100,15 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     return logits + added[:, :vocab]
 
 
+def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+    """-inf for the tokens whose bit is clear in `words` [B, ceil(V / 32)] (bit t of word t // 32)."""
+    if words is None:
+        return logits
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :logits.shape[1]]  # [B, V]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
 def _token_counts(token_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     """[B, V] float32: how often each id occurs in each row's list."""
     num_rows, vocab = logits.shape
@@ -127,7 +141,8 @@ def mask_stop_ids(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_i
 
 def _hidden_ids(row: SamplingRow, eos_token_ids: Sequence[int], vocab: int) -> list[int]:
     params = row.params
-    if len(row.output_token_ids) >= params.min_tokens:
+    # a grammar decides itself when the output may end: hiding EOS could leave no token allowed
+    if len(row.output_token_ids) >= params.min_tokens or params.structured_outputs is not None:
         return []
     ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
     return [t for t in ids if 0 <= t < vocab]
