@@ -181,3 +181,24 @@ async def test_a_reader_that_falls_behind_gets_the_missed_deltas_merged_in_order
     assert "".join(o.new_text for o in late) == "".join(o.new_text for o in live)
     assert late[-1].finished and late[-1].finish_reason == "length" and late[-1].num_output_tokens == 24
     await client.stop()
+
+
+def test_merged_deltas_keep_every_field_of_both():
+    """A stream read slower than the engine steps gets its deltas merged: nothing of either may be lost
+    (the prompt's logprobs came only with the first delta, and were once dropped here)."""
+    import dataclasses
+
+    from llmserve.core.sampled_token import SampledToken
+    from llmserve.frontend.async_llm import merge_outputs
+    from llmserve.frontend.engine_client import RequestOutput
+
+    prompt = [SampledToken(7, -1.5, [(7, -1.5)], 1)]
+    first = RequestOutput("r", [1], "a", num_prompt_tokens=2, num_output_tokens=1,
+                          new_logprobs=[SampledToken(1, -0.1)], prompt_logprobs=prompt)
+    then = RequestOutput("r", [2, 3], "bc", True, "stop", 3, 2, 3, 1, [SampledToken(2, -0.2), SampledToken(3, -0.3)])
+    merged = merge_outputs(first, then)
+    assert merged == RequestOutput("r", [1, 2, 3], "abc", True, "stop", 3, 2, 3, 1,
+                                   first.new_logprobs + then.new_logprobs, prompt)
+    covered = {"request_id", "new_token_ids", "new_text", "new_logprobs", "prompt_logprobs"}
+    assert covered | {f.name for f in dataclasses.fields(RequestOutput) if getattr(merged, f.name) == getattr(then, f.name)} \
+        == {f.name for f in dataclasses.fields(RequestOutput)}  # every other field is the later delta's

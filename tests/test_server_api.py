@@ -178,6 +178,65 @@ def test_echo_with_max_tokens_0_scores_the_prompt_like_hf(client, tokenizer):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == tokenizer.decode(prompt)
 
 
+def _hf_prompt_logprobs(tokenizer, prompt: list[int]):
+    import torch
+
+    from tests.conftest import make_hf_llama
+
+    hf = make_hf_llama(0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, max_position_embeddings=1024)
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [P, V]: row i predicts i + 1
+
+
+def _check_vllm_prompt_logprobs(entries, prompt: list[int], want, k: int, pieces) -> None:
+    assert entries[0] is None and len(entries) == len(prompt)
+    for position, entry in enumerate(entries[1:], start=1):
+        row, token = want[position - 1], prompt[position]
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        assert own["rank"] == 1 + int((row > row[token]).sum())
+        assert own["decoded_token"] == pieces.text(token)
+        best = row.topk(k).indices.tolist()
+        assert set(entry) == {str(token), *map(str, best)}  # the prompt token and the k best
+        assert [entry[str(t)]["rank"] for t in best] == list(range(1, k + 1)) or token in best
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_logprobs_extension_on_both_endpoints(server, tokenizer, stream):
+    """vLLM's `prompt_logprobs`: null, then per prompt token a dict of it and the k best, with rank and text."""
+    from llmserve.server.logprobs import TokenPieces
+
+    pieces, k = TokenPieces(tokenizer), 2
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    want = _hf_prompt_logprobs(tokenizer, prompt)
+    completion = _post_json(server.v1 + "/completions",
+                            {"model": "tiny", "prompt": prompt, "max_tokens": 2, "prompt_logprobs": k, "stream": stream})
+    if stream:
+        entries = next(c["choices"][0]["prompt_logprobs"] for c in completion if "prompt_logprobs" in c["choices"][0])
+    else:
+        entries = completion["choices"][0]["prompt_logprobs"]
+    _check_vllm_prompt_logprobs(entries, prompt, want, k, pieces)
+    from llmserve.frontend.chat_template import encode_chat
+
+    chat_prompt = encode_chat(tokenizer, MESSAGES)  # what the server encodes
+    chat = _post_json(server.v1 + "/chat/completions",
+                      {"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": k, "stream": stream})
+    entries = next(c["prompt_logprobs"] for c in chat if "prompt_logprobs" in c) if stream else chat["prompt_logprobs"]
+    _check_vllm_prompt_logprobs(entries, chat_prompt, _hf_prompt_logprobs(tokenizer, chat_prompt), k, pieces)
+
+
+def _post_json(url: str, body: dict):
+    """The response body (200 only), or the list of a stream's JSON events."""
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read().decode()
+    if not body.get("stream"):
+        return json.loads(text)
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
 @pytest.mark.parametrize("top", [0, 2])
 def test_completion_top_logprobs_always_hold_the_sampled_token(client, top):
     """OpenAI: up to logprobs + 1 entries, the sampled token among them (logprobs: 0 -> just that one)."""

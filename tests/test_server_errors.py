@@ -111,6 +111,8 @@ BAD_INPUTS = [
     (COMPLETIONS, {"prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}, 400, "structured_outputs"),
     (COMPLETIONS, {"prompt": "x", "guided_grammar": 7}, 400, "guided_grammar"),
     (COMPLETIONS, {"prompt": "x", "tools": [WEATHER_TOOL]}, 400, "tools"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    (CHAT, {"messages": USER, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model"),
     (CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     (CHAT, {"messages": USER, "max_tokens": 5000}, 400, "max_tokens"),

@@ -35,6 +35,7 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
 
     logprob: float
     top: list[tuple[int, float]] = []
+    rank: int | None = None  # 1 + how many tokens the model found likelier (computed for prompt tokens)
 
 
 class PromptLogprobs(msgspec.Struct, array_like=True):

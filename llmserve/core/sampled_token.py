@@ -16,3 +16,4 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt tokens)

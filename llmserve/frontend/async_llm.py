@@ -203,9 +203,11 @@ def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     logprobs = None
     if first.new_logprobs is not None or then.new_logprobs is not None:
         logprobs = (first.new_logprobs or []) + (then.new_logprobs or [])
+    # the prompt's logprobs come once, with the first token: whichever delta holds them
+    prompt_logprobs = first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs
     return RequestOutput(first.request_id, first.new_token_ids + then.new_token_ids, first.new_text + then.new_text,
                          then.finished, then.finish_reason, then.stop_reason, then.num_prompt_tokens,
-                         then.num_output_tokens, then.num_cached_tokens, logprobs)
+                         then.num_output_tokens, then.num_cached_tokens, logprobs, prompt_logprobs)
 
 
 def _stream_error(finish_reason: str, queue_timeout: float | None) -> Exception:

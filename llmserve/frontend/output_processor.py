@@ -102,7 +102,7 @@ def _sampled_tokens(state: _RequestState, output: EngineCoreOutput) -> list[Samp
 
 
 def _sampled(token_id: int, logprobs: TokenLogprobs) -> SampledToken:
-    return SampledToken(token_id, logprobs.logprob, [(int(i), float(p)) for i, p in logprobs.top])
+    return SampledToken(token_id, logprobs.logprob, [(int(i), float(p)) for i, p in logprobs.top], logprobs.rank)
 
 
 def _delta(request_id: str, state: _RequestState, tokens: list[SampledToken], text: str,

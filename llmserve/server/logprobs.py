@@ -54,6 +54,22 @@ def _chat_top(pieces: TokenPieces, token_id: int, logprob: float | None) -> dict
     return {"token": pieces.text(token_id), "logprob": logprob, "bytes": list(pieces.bytes_of(token_id))}
 
 
+def prompt_logprobs_entries(pieces: TokenPieces, scored: list[SampledToken], k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` extension: None for the first prompt token (nothing precedes it), then per
+    token {token id as a string: {"logprob", "rank", "decoded_token"}} for it and its k best alternatives."""
+    entries: list[dict | None] = [None]
+    for token in scored:
+        entry = {str(token.token_id): _ranked(pieces, token.token_id, token.logprob, token.rank)}
+        for rank, (token_id, logprob) in enumerate((token.top_logprobs or [])[:k], start=1):
+            entry.setdefault(str(token_id), _ranked(pieces, token_id, logprob, rank))
+        entries.append(entry)
+    return entries
+
+
+def _ranked(pieces: TokenPieces, token_id: int, logprob: float | None, rank: int | None) -> dict:
+    return {"logprob": logprob, "rank": rank, "decoded_token": pieces.text(token_id)}
+
+
 def completion_logprobs(pieces: TokenPieces, tokens: list[SampledToken], text_offset: int) -> dict:
     """`choices[i].logprobs` of a legacy completion: parallel lists; offsets start at `text_offset`.
 

@@ -51,6 +51,7 @@ class GenerationRequest:
     prompt_texts: list[str] | None = None  # set only when echo is on
     score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated
     tool_calling: ToolCalling | None = None  # chat with tools the model may call
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs` extension: shown with this many alternatives
 
 
 @dataclass(slots=True)
@@ -86,7 +87,8 @@ def parse_chat(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
     native = template_renders_tools(tokenizer)
     tools = calling.tools if calling is not None and native else None
     prompt = apply_chat_template(tokenizer, prompt_messages(messages, calling, native), tools)
-    return GenerationRequest(_model(body), [prompt], params, *_stream(body), tool_calling=calling)
+    return GenerationRequest(_model(body), [prompt], params, *_stream(body), tool_calling=calling,
+                             prompt_logprobs=params.prompt_logprobs)
 
 
 def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest:
@@ -106,10 +108,11 @@ def parse_completion(body: dict, tokenizer, limits: Limits) -> GenerationRequest
                               structured=structured, structured_field=structured_field)
     if echo:
         texts = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(texts, prompts)]
-        if logprobs is not None:  # the prompt's tokens get log-probabilities too, computed in its prefill
-            params = dataclasses.replace(params, prompt_logprobs=logprobs)
+    asked = params.prompt_logprobs  # the extension's, shown as its own field
+    if echo and logprobs is not None:  # the echoed prompt's tokens get log-probabilities too, from its prefill
+        params = dataclasses.replace(params, prompt_logprobs=max(logprobs, asked or 0))
     return GenerationRequest(_model(body), prompts, params, *_stream(body), echo=echo,
-                             prompt_texts=texts if echo else None, score_only=score_only)
+                             prompt_texts=texts if echo else None, score_only=score_only, prompt_logprobs=asked)
 
 
 def apply_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -241,7 +244,7 @@ def _sampling_params(body: dict, limits: Limits, *, default_max_tokens: int | No
                                     max_items=MAX_STOP_TOKEN_IDS, why=STOP_LIMIT_REASON),
         skip_special_tokens=get_bool(body, "skip_special_tokens", True),
         include_stop_str_in_output=get_bool(body, "include_stop_str_in_output"), logprobs=logprobs,
-        logit_bias=_logit_bias(body, limits.vocab_size),
+        logit_bias=_logit_bias(body, limits.vocab_size), prompt_logprobs=get_int(body, "prompt_logprobs"),
         structured_outputs=_checked_grammar(structured, structured_field, limits))
     get_str(body, "user")  # accepted for OpenAI compatibility; never logged
     try:

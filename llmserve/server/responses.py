@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from llmserve.core.sampled_token import SampledToken
 from llmserve.frontend.engine_client import RequestOutput
-from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs
+from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, prompt_logprobs_entries
 from llmserve.server.tools import ToolCalling, ToolCallParser
 
 
@@ -60,11 +60,14 @@ class Renderer:
     chunk_object_name = ""
     prompt_param = ""
 
-    def __init__(self, response_id: str, model: str, pieces: TokenPieces, include_usage: bool = False):
+    def __init__(self, response_id: str, model: str, pieces: TokenPieces, include_usage: bool = False,
+                 prompt_logprobs: int | None = None):
+        """`prompt_logprobs`: vLLM's extension was asked, with this many alternatives per prompt token."""
         self.response_id = response_id
         self.model = model
         self.pieces = pieces
         self.include_usage = include_usage
+        self.prompt_logprobs = prompt_logprobs
         self.created = int(time.time())
 
     def _envelope(self, object_name: str, choices: list[dict]) -> dict:
@@ -92,6 +95,9 @@ class Renderer:
     def choice(self, choice: ChoiceState) -> dict:
         raise NotImplementedError
 
+    def _prompt_logprobs(self, scored) -> list[dict | None]:
+        return prompt_logprobs_entries(self.pieces, scored or [], self.prompt_logprobs)
+
 
 class ChatRenderer(Renderer):
     """`chat.completion` and `chat.completion.chunk`."""
@@ -109,7 +115,20 @@ class ChatRenderer(Renderer):
     def opening_chunks(self, num_choices: int) -> list[dict]:
         return [self.chunk([_chat_delta(i, {"role": "assistant", "content": ""})]) for i in range(num_choices)]
 
+    def response(self, choices: list[ChoiceState], usage_body: dict) -> dict:
+        body = super().response(choices, usage_body)
+        if self.prompt_logprobs is not None:  # one prompt, whatever n: vLLM puts it beside `choices`
+            body["prompt_logprobs"] = self._prompt_logprobs(choices[0].prompt_logprobs)
+        return body
+
     def delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
+        chunks = self._delta_chunks(choice, output)
+        if self.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            chunks = chunks or [self.chunk([_chat_delta(choice.index, {})])]
+            chunks[0]["prompt_logprobs"] = self._prompt_logprobs(output.prompt_logprobs)
+        return chunks
+
+    def _delta_chunks(self, choice: ChoiceState, output: RequestOutput) -> list[dict]:
         logprobs = chat_logprobs(self.pieces, output.new_logprobs) if output.new_logprobs else None
         if self.tool_calling is None:
             deltas = [{"content": output.new_text}] if output.new_text or logprobs else []
@@ -182,6 +201,9 @@ class CompletionRenderer(Renderer):
                                                         self._logprobs(choice.index, output.new_logprobs))]))
         if output.finished:
             chunks.append(self.chunk([self._text_choice(choice.index, "", None, choice.finish_reason)]))
+        if self.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            chunks = chunks or [self.chunk([self._text_choice(choice.index, "", None)])]
+            chunks[0]["choices"][0]["prompt_logprobs"] = self._prompt_logprobs(output.prompt_logprobs)
         return chunks
 
     def choice(self, choice: ChoiceState) -> dict:
@@ -191,6 +213,8 @@ class CompletionRenderer(Renderer):
             logprobs = completion_logprobs(self.pieces, tokens, 0)
         body = self._text_choice(choice.index, self._echo(choice.index) + choice.text, logprobs, choice.finish_reason)
         body["stop_reason"] = choice.stop_reason
+        if self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(choice.prompt_logprobs)
         return body
 
     # ---- helpers ------------------------------------------------------------------

@@ -51,7 +51,8 @@ async def _parse(request: web.Request, parse) -> tuple[ServedModel, GenerationRe
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     model, gen = await _parse(request, parse_chat)
     renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
-                            include_usage=gen.include_usage, tool_calling=gen.tool_calling)
+                            include_usage=gen.include_usage, tool_calling=gen.tool_calling,
+                            prompt_logprobs=gen.prompt_logprobs)
     return await serve_generation(request, model, gen, renderer)
 
 
@@ -60,7 +61,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     renderer = CompletionRenderer(
         f"cmpl-{uuid.uuid4().hex}", model.name, model.token_pieces,
         include_usage=gen.include_usage, prompts=gen.prompts, n=gen.params.n, echo_texts=gen.prompt_texts,
-        logprobs_on=gen.params.logprobs is not None)
+        logprobs_on=gen.params.logprobs is not None, prompt_logprobs=gen.prompt_logprobs)
     return await serve_generation(request, model, gen, renderer)
 
 

@@ -37,7 +37,9 @@ def score_prompt_tokens(logits: torch.Tensor, scoring: PromptScoring) -> list[Pr
     """logits [R, V] of `scoring.rows` -> each request's prompt-token logprobs and top alternatives."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = torch.tensor(scoring.targets, device=logits.device)
-    chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+    chosen_column = logprobs.gather(1, targets[:, None])  # [R, 1]
+    chosen = chosen_column.squeeze(1).tolist()
+    ranks = ((logprobs > chosen_column).sum(dim=-1) + 1).tolist()
     top_k = max(k for *_, k in scoring.spans)
     top_ids, top_lps = ([], [])
     if top_k:
@@ -45,7 +47,7 @@ def score_prompt_tokens(logits: torch.Tensor, scoring: PromptScoring) -> list[Pr
         top_ids, top_lps = indices.tolist(), values.tolist()
     out, row = [], 0
     for request_id, first_position, count, k in scoring.spans:
-        entries = [TokenLogprobs(chosen[r], list(zip(top_ids[r][:k], top_lps[r][:k])) if k else [])
+        entries = [TokenLogprobs(chosen[r], list(zip(top_ids[r][:k], top_lps[r][:k])) if k else [], ranks[r])
                    for r in range(row, row + count)]
         out.append(PromptLogprobs(request_id, first_position, entries))
         row += count
