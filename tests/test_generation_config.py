@@ -56,3 +56,25 @@ def test_the_server_applies_the_models_defaults_unless_told_not_to(checkpoint, t
         else:  # the API's: temperature 1 and 16 tokens for completions
             assert first["usage"]["completion_tokens"] == 16 and first["choices"][0]["text"] != second["choices"][0]["text"]
     assert ("temperature=0.0, max_tokens=5" in server.log_text()) == (flag == "auto")
+
+
+def test_default_max_tokens_applies_to_requests_that_set_none(checkpoint, tmp_path):
+    """--default-max-tokens beats the model's max_new_tokens; a request's own max_tokens beats both."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+
+    async def ask(base: str) -> list[int]:
+        counts = []
+        async with aiohttp.ClientSession() as session:
+            for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                               ("/v1/completions", {"prompt": "Hello there"}),
+                               ("/v1/completions", {"prompt": "Hello there", "max_tokens": 2})]:
+                async with session.post(base + path, json={**body, "ignore_eos": True}) as response:
+                    assert response.status == 200
+                    counts.append((await response.json())["usage"]["completion_tokens"])
+        return counts
+
+    with served(model, "--default-max-tokens", "7", tmp_path=tmp_path) as server:
+        assert asyncio.run(ask(server.base)) == [7, 7, 2]
+    assert "requests that set no max_tokens get 7 (--default-max-tokens)" in server.log_text()

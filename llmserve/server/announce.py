@@ -34,6 +34,8 @@ def banner_lines(config: ServerConfig, models: ModelRegistry, port: int) -> list
     for index, model in enumerate(models):
         lines.extend(_model_lines(model, is_default=index == 0))
         lines.extend(_defaults_line(model, config.generation_config))
+    if config.default_max_tokens is not None:
+        lines.append(f"requests that set no max_tokens get {config.default_max_tokens} (--default-max-tokens)")
     return lines
 
 

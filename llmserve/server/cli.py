@@ -47,6 +47,9 @@ def add_subcommands(sub) -> None:
                        help="auto: sampling fields a request omits (temperature, top_p, top_k, min_p, "
                             "repetition_penalty, max_tokens) come from the model's generation_config.json; "
                             "none: the OpenAI API's defaults")
+    serve.add_argument("--default-max-tokens", type=int, default=None,
+                       help="max_tokens of a request that sets none, on both endpoints (default: the model's "
+                            "generation_config.json, else the rest of the context for chat and 16 for completions)")
     serve.add_argument("--no-access-log", action="store_true", help="no per-request log line")
     serve.add_argument("--engine", default=None, help="serve a built engine folder (from `llmserve build`)")
     serve.add_argument("--build-config", default=None,
@@ -83,7 +86,7 @@ def server_config_from_args(args: argparse.Namespace, default_name: str | None =
                         shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
                         body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
                         sse_keepalive_s=args.sse_keepalive, queue_timeout=args.queue_timeout or None,
-                        generation_config=args.generation_config,
+                        generation_config=args.generation_config, default_max_tokens=args.default_max_tokens,
                         allowed_hosts=_host_list(args.allowed_hosts))
 
 

@@ -29,6 +29,9 @@ class ServerConfig:
     queue_timeout: float | None = None  # seconds a request may wait to start before a 503; None: no limit
     # "auto": the model's generation_config.json gives the sampling defaults of omitted fields; "none": the API's
     generation_config: str = "auto"
+    # max_tokens of a request that sets none (both endpoints), before the model's generation_config.json and
+    # the API's defaults; None: those decide (chat: the rest of the context, completions: 16)
+    default_max_tokens: int | None = None
     # Host header names answered, any port ("*": any); None: loopback names when `host` is a loopback
     # address (a page on another site cannot reach the server through DNS rebinding), else any
     allowed_hosts: tuple[str, ...] | None = None
@@ -43,6 +46,8 @@ class ServerConfig:
         assert self.build_retry_after_s >= 1, f"build_retry_after_s must be >= 1, got {self.build_retry_after_s}"
         assert self.max_n >= 1, f"max_n must be >= 1, got {self.max_n}"
         assert self.generation_config in ("auto", "none"), f"generation_config must be auto or none, got {self.generation_config!r}"
+        assert self.default_max_tokens is None or self.default_max_tokens >= 1, (
+            f"default_max_tokens must be >= 1 or None, got {self.default_max_tokens}")
         assert self.body_timeout > 0, f"body_timeout must be > 0, got {self.body_timeout}"
         assert self.keepalive_timeout > 0, f"keepalive_timeout must be > 0, got {self.keepalive_timeout}"
         assert self.sse_keepalive_s >= 0, f"sse_keepalive_s must be >= 0, got {self.sse_keepalive_s}"

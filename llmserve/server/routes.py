@@ -26,7 +26,10 @@ def _select(request: web.Request, body: dict) -> ServedModel:
 
 
 def _limits(app: web.Application, model: ServedModel) -> Limits:
-    defaults = model.sampling_defaults if app[CONFIG].generation_config == "auto" else {}
+    config = app[CONFIG]
+    defaults = model.sampling_defaults if config.generation_config == "auto" else {}
+    if config.default_max_tokens is not None:
+        defaults = {**defaults, "max_tokens": config.default_max_tokens}
     return Limits(vocab_size=model.engine.info.vocab_size, max_n=app[CONFIG].max_n, max_prompts=MAX_PROMPTS,
                   defaults=defaults, grammars=model.grammars)
 
