@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from llmserve.server.errors import APIError
 from llmserve.server.protocol import Limits, parse_chat
-from llmserve.server.tools import ToolCallParser, parse_tools
+from llmserve.server.tool_parser import ToolCallParser
+from llmserve.server.tools import parse_tools
 
 WEATHER_PARAMS = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
                   "properties": {"city": {"type": "string", "maxLength": 20},

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from llmserve.core.sampled_token import SampledToken
 from llmserve.frontend.engine_client import RequestOutput
 from llmserve.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, prompt_logprobs_entries
-from llmserve.server.tools import ToolCalling, ToolCallParser
+from llmserve.server.tool_parser import ToolCallParser
+from llmserve.server.tools import ToolCalling
 
 
 @dataclass(slots=True)
