@@ -132,6 +132,7 @@ def test_constrained_and_free_requests_share_a_batch(default_llm):
         jsonschema.validate(json.loads(output.text), schema)
     # the masks of the constrained rows leave the free rows' tokens exactly as when they ran alone
     assert [r.outputs[0].token_ids for r in mixed[len(prompts):]] == [r.outputs[0].token_ids for r in free_alone]
+    assert len(default_llm.engine.core.grammars) == 0  # every finished request dropped its matcher
 
 
 @pytest.mark.slow
@@ -152,6 +153,7 @@ def test_overlapped_steps_sample_the_same_constrained_tokens(default_llm):
         params += [_greedy(30, structured_outputs=StructuredOutputs("regex", r"[A-Z][a-z]+( [a-z]+){2,5}\."))]
         prompts += [prompts[0]]
         got = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        assert len(llm.engine.core.grammars) == 0
     want = [r.outputs[0].token_ids for r in default_llm.generate(prompts, params)]
     assert got == want
     assert re.fullmatch(r"[A-Z][a-z]+( [a-z]+){2,5}\.", default_llm.tokenizer.decode(got[-1]))
@@ -164,6 +166,20 @@ def test_a_completed_grammar_ends_the_request_without_eos(default_llm):
     outputs = [r.outputs[0] for r in default_llm.generate(["My favourite colour is"] * 6, params)]
     assert all(o.text in ("red", "green", "blue") and o.finish_reason == "stop" for o in outputs)
     assert all(o.stop_reason is None for o in outputs)  # no stop token ended them
+
+
+@pytest.mark.slow
+def test_an_aborted_constrained_request_frees_its_matcher_and_blocks(default_llm):
+    engine = default_llm.engine
+    prompt = default_llm.apply_chat_template([{"role": "user", "content": ASKS["review"]}])
+    engine.add_request("leaving", prompt, _greedy(100, structured_outputs=json_spec(REVIEW)))
+    for _ in range(3):
+        engine.step()
+    assert "leaving" in engine.core.grammars
+    engine.abort_request("leaving")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(engine.core.grammars) == 0 and engine.kv.num_used_blocks == 0
 
 
 def test_an_engine_without_tokenizer_refuses_constrained_requests(tiny_hf_llama):

@@ -98,6 +98,14 @@ def test_bad_tools_are_refused(body, param):
     assert caught.value.status == 400 and caught.value.param == param
 
 
+def test_an_empty_tool_calls_list_means_no_calls(tokenizer):
+    limits = Limits(vocab_size=len(tokenizer), max_n=4, max_prompts=4)
+    messages = ASK + [{"role": "assistant", "content": "Sunny.", "tool_calls": []}, {"role": "user", "content": "Thanks"}]
+    plain = ASK + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    assert parse_chat({"messages": messages}, tokenizer, limits).prompts == parse_chat({"messages": plain}, tokenizer,
+                                                                                         limits).prompts
+
+
 def test_tool_choice_none_offers_no_tools():
     assert parse_tools({"tools": TOOLS, "tool_choice": "none"}) is None
 

@@ -158,7 +158,7 @@ def _message(message, index: int) -> dict:
     if content is None and role == "assistant":  # OpenAI allows it (a refusal, tool calls); nothing was said
         content = ""
     checked = {"role": role, "content": _content(content, f"{param}.content")}
-    if message.get("tool_calls") is not None:
+    if message.get("tool_calls") not in (None, []):  # some clients send an empty list for "no calls"
         if role != "assistant":
             raise bad_request(f"{param}.tool_calls is only allowed in assistant messages", f"{param}.tool_calls")
         checked["tool_calls"] = check_tool_calls(message["tool_calls"], f"{param}.tool_calls")
