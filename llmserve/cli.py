@@ -119,24 +119,32 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def start_engine(args: argparse.Namespace):
+    """The engine of the engine flags, with its tokenizer (ValueError when the model has none). Flags, model
+    folder and device are checked before torch loads: a typo costs no wait."""
     from llmserve.build.target import current_target
     from llmserve.checkpoint.pull import resolve_model
-    from llmserve.sampling_params import SamplingParams
 
-    # Flags, model folder and device are checked before torch loads: a typo costs no wait.
     config = engine_config_from_args(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
     resolve_model(args.model, progress=_say)
     current_target(args.device)
     from llmserve.engine.engine import Engine
-    from llmserve.llm import LLM
 
     engine = Engine.from_config(config, progress=_say)
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy "
                          f"them from the model it was made from")
+    return engine
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    engine = start_engine(args)
+    from llmserve.llm import LLM
+
     llm = LLM(engine=engine)
     if args.chat:
         result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]

@@ -23,29 +23,22 @@ def add_eval_subcommands(sub) -> None:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from llmserve.bench.sharegpt import load_conversations
-    from llmserve.checkpoint.pull import resolve_model
-    from llmserve.cli import _say, engine_config_from_args
-
+    from llmserve.cli import engine_config_from_args, start_engine
     from llmserve.evaluate.perplexity import MIN_TOKENS
 
     if args.num_texts < 1 or args.max_len < MIN_TOKENS:
         raise ValueError(f"--num-texts must be >= 1 and --max-len >= {MIN_TOKENS}")
-    config = engine_config_from_args(args)
+    engine_config_from_args(args)  # bad flags fail before the dataset is read
     conversations = load_conversations(args.dataset_path)
-    resolve_model(args.model, progress=_say)
-    from llmserve.engine.engine import Engine
+    engine = start_engine(args)
     from llmserve.evaluate.perplexity import heldout_texts, perplexity
     from llmserve.llm import LLM
 
-    engine = Engine.from_config(config, progress=_say)
-    if engine.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files: the texts cannot be tokenized")
     texts = heldout_texts(conversations, engine.tokenizer, args.num_texts, args.max_len)
     if not texts:
         raise ValueError(f"no held-out text of at least {MIN_TOKENS} tokens in the dataset")
     with LLM(engine=engine) as llm:
         result = perplexity(llm, texts)
-    print(json.dumps({"model": args.model, "device": args.device, "dtype": config.device.dtype,
+    print(json.dumps({"model": args.model, "device": args.device, "dtype": engine.core.config.device.dtype,
                       "quantization": args.quantization, **result}), file=sys.stdout)
     return 0
-
