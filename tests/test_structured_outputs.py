@@ -80,6 +80,16 @@ def test_choice_matcher_allows_exactly_the_choices(compiler, tokenizer):
     assert not matcher.consume_token(tokenizer.encode("blue", add_special_tokens=False)[0])
 
 
+def test_matchers_of_one_spec_are_independent(compiler, tokenizer):
+    """Each request's matcher is a copy of one compiled per spec: advancing one leaves the others at the start."""
+    spec = StructuredOutputs("choice", json.dumps(["yes", "no"]))
+    first, second = compiler.matcher(spec), compiler.matcher(spec)
+    assert all(first.consume_token(t) for t in tokenizer.encode("no", add_special_tokens=False))
+    assert first.is_accepting() and not second.is_accepting()
+    assert all(second.consume_token(t) for t in tokenizer.encode("yes", add_special_tokens=False))
+    assert not compiler.matcher(spec).is_accepting()
+
+
 def test_unknown_structured_kind_is_refused():
     with pytest.raises(ValueError, match="kind"):
         StructuredOutputs("xml", "<a/>")
@@ -105,6 +115,24 @@ def test_bitmask_masks_exactly_the_cleared_bits(device):
     masked = apply_token_bitmask(logits, words.to(device)).cpu()
     assert torch.equal(torch.isfinite(masked), allowed)
     assert torch.equal(masked[allowed], logits.cpu()[allowed])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_bitmask_lands_on_each_requests_batch_row(device):
+    """The runner spreads the constrained rows (any order, some not sampled this step) over the batch."""
+    from llmserve.core.scheduler_output import GrammarBitmask
+    from llmserve.worker.model_runner import allowed_words
+    from llmserve.worker.request_state import RequestState
+
+    states = [RequestState(f"r{i}", [1], [], SamplingParams(), [], 0) for i in range(4)]
+    rows = torch.arange(3 * 2, dtype=torch.int32).view(3, 2) + 7  # request r2, r0 and one not in the batch
+    bitmask = GrammarBitmask(["r2", "r0", "gone"], rows.numpy().tobytes())
+    words = allowed_words(bitmask, states, torch.zeros(4, 60, device=device)).cpu()
+    assert words[2].tolist() == rows[0].tolist() and words[0].tolist() == rows[1].tolist()
+    assert (words[[1, 3]] == -1).all()  # unconstrained rows allow every token
+    in_order = allowed_words(GrammarBitmask(["r0", "r1", "r2", "r3"], torch.zeros(4, 2, dtype=torch.int32).numpy()
+                                            .tobytes()), states, torch.zeros(4, 60, device=device))
+    assert (in_order == 0).all() and in_order.shape == (4, 2)
 
 
 # ---- the engine -------------------------------------------------------------------------

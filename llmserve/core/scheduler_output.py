@@ -69,7 +69,7 @@ class GrammarBitmask(msgspec.Struct, array_like=True):
     unconstrained. Computed by the engine core's grammar matchers, applied by the runner's sampler."""
 
     request_ids: list[str]
-    words: bytes  # len(request_ids) rows, back to back
+    words: bytes  # len(request_ids) rows, back to back (in process: any flat bytes-like object)
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True):

@@ -213,11 +213,19 @@ class EngineCore:
         previous = self._in_flight[0] if self._in_flight is not None else None
         constrained = self.grammars.constrained(out.sampling_request_ids) if self.grammars else []
         if constrained:
-            # the masks need the previous step's tokens: sample once they are in, the forward pass runs meanwhile
+            # the masks need the previous step's tokens: a helper thread waits for them, advances the
+            # matchers and computes the masks, while this one queues the forward pass and turns the
+            # previous step into outputs; sampling waits for the masks
+            in_flight, self._in_flight = self._in_flight, None
+            accepted, masks = self.grammars.bitmask_after(lambda: self._wait_and_accept(in_flight), constrained)
             forward = self.runner.launch_forward(out, previous)
             advanced = self.scheduler.advance(out)
-            outputs = self._finish_in_flight()
-            launched = self.runner.launch_sampling(forward, self.grammars.bitmask(constrained))
+            outputs = []
+            if in_flight is not None:
+                result, grammar_ended = accepted.result()
+                self.runner.collect(in_flight[0], result)
+                outputs = self._resolve(in_flight[1], result, grammar_ended)
+            launched = self.runner.launch_sampling(forward, masks.result())
         else:
             launched = self.runner.launch(out, previous)
             advanced = self.scheduler.advance(out)
@@ -244,30 +252,57 @@ class EngineCore:
         return self._outputs(scheduler.resolve(advanced, result), result)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        collected = self._collect_in_flight()
+        return self._resolve(*collected) if collected else []
+
+    def _collect_in_flight(self) -> tuple[AdvancedStep, ModelRunnerOutput] | None:
+        """Wait for the step in flight (if any) and take its result."""
         if self._in_flight is None:
-            return []
+            return None
         (launched, advanced), self._in_flight = self._in_flight, None
-        result = self.runner.collect(launched)
-        return self._outputs(self.scheduler.resolve(advanced, result), result)
+        return advanced, self.runner.collect(launched)
+
+    def _wait_and_accept(self, in_flight: tuple[LaunchedStep, AdvancedStep] | None
+                         ) -> tuple[ModelRunnerOutput | None, set[str]]:
+        """On the grammar helper thread: the in-flight step's samples, fed to the matchers (no request or
+        runner state is touched)."""
+        if in_flight is None:
+            return None, set()
+        result = self.runner.wait_samples(in_flight[0])
+        return result, self._accept_grammar_tokens(result)
+
+    def _resolve(self, advanced: AdvancedStep, result: ModelRunnerOutput,
+                 grammar_ended: set[str] | None = None) -> list[EngineCoreOutput]:
+        return self._outputs(self.scheduler.resolve(advanced, result), result, grammar_ended)
 
     def _needs_output_ids(self) -> bool:
         return any(seq.params.uses_output_ids for seq in self.scheduler.running)
 
-    def _outputs(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """One output per request that took a token (from `Scheduler.resolve`), in the runner's batch order."""
+    def _outputs(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput,
+                 grammar_ended: set[str] | None = None) -> list[EngineCoreOutput]:
+        """One output per request that took a token (from `Scheduler.resolve`), in the runner's batch order.
+        `grammar_ended`: `_accept_grammar_tokens(result)` when the caller ran it already."""
         self._gather_prompt_logprobs(result, {seq.request_id: seq for seq, _ in updated})
         self.num_generation_tokens_total += len(updated)
         if self.grammars:
-            self._advance_grammars(updated, result)
+            if grammar_ended is None:
+                grammar_ended = self._accept_grammar_tokens(result)
+            self._end_grammars(updated, grammar_ended)
         return [self._output(seq, result, row) for seq, row in updated]
 
-    def _advance_grammars(self, updated: list[tuple[Sequence, int]], result: ModelRunnerOutput) -> None:
-        """Feed each constrained request its new token; one whose grammar is complete (only EOS could
-        follow) or broken ends here with "stop", and a finished one drops its matcher."""
-        constrained = [(seq, row) for seq, row in updated if seq.request_id in self.grammars]
-        ended = set(self.grammars.accept([(seq.request_id, result.sampled_token_ids[row]) for seq, row in constrained]))
-        for seq, _ in constrained:
-            if seq.request_id in ended and not seq.is_finished:
+    def _accept_grammar_tokens(self, result: ModelRunnerOutput) -> set[str]:
+        """Feed each constrained request of the step its new token; those whose grammar is now complete
+        (only EOS could follow) or broken. Only requests still running hold a matcher."""
+        if not self.grammars:
+            return set()
+        return set(self.grammars.accept(list(zip(result.request_ids, result.sampled_token_ids))))
+
+    def _end_grammars(self, updated: list[tuple[Sequence, int]], grammar_ended: set[str]) -> None:
+        """A request whose grammar ended finishes here with "stop"; a finished one drops its matcher."""
+        for seq, _ in updated:
+            if seq.request_id not in self.grammars:
+                continue
+            if seq.request_id in grammar_ended and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished:
                 self.grammars.remove(seq.request_id)

@@ -9,15 +9,18 @@ so that the caller can run the forward pass meanwhile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
-import torch
+import numpy as np
 
 from llmserve.core.scheduler_output import GrammarBitmask
 from llmserve.grammar.compiler import GrammarCompiler
 from llmserve.sampling_params import StructuredOutputs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -26,8 +29,9 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 class GrammarMatchers:
-    """Matchers by request id; not thread-safe except `bitmask_async`, whose thread only reads them
-    while the caller runs the forward pass."""
+    """Matchers by request id; not thread-safe, except that while the helper thread of `bitmask_async`
+    or `bitmask_after` runs, the caller may run the forward pass and `remove` matchers (the helper
+    keeps its own references), but must not use them."""
 
     def __init__(self, compiler: GrammarCompiler, num_threads: int | None = None):
         self.compiler = compiler
@@ -72,34 +76,68 @@ class GrammarMatchers:
 
     def bitmask(self, request_ids: list[str]) -> GrammarBitmask | None:
         """The allowed next tokens of each constrained request in `request_ids`; None when none is."""
-        rows = [(self._matchers[rid], rid) for rid in self.constrained(request_ids)]
+        rows = self._rows(request_ids)
+        return self._compute(rows) if rows else None
+
+    def bitmask_async(self, request_ids: list[str]) -> Future | None:
+        """`bitmask` computed on a helper thread; None at once when no request is constrained. The
+        matchers are picked now: the caller may remove (not advance) matchers while it runs."""
+        rows = self._rows(request_ids)
         if not rows:
             return None
-        words = torch.full((len(rows), self.words), -1, dtype=torch.int32)
-        live = [(matcher, i) for i, (matcher, _) in enumerate(rows) if not matcher.is_stopped()]
-        if live:  # a stopped matcher's request ends this step: its row is left unconstrained
-            # straight into the tensor's memory, row i at i * row bytes (llguidance.torch, which wraps
+        return self._helper().submit(self._compute, rows)
+
+    def bitmask_after(self, before: Callable[[], T], request_ids: list[str]) -> tuple[Future[T], Future]:
+        """On the helper thread, run `before` (it may advance the matchers), then compute `bitmask`: a
+        future of `before`'s result, set as soon as it returns, and one of the masks."""
+        first: Future[T] = Future()
+
+        def run() -> GrammarBitmask | None:
+            try:
+                first.set_result(before())
+            except BaseException as exc:
+                first.set_exception(exc)
+                raise
+            return self.bitmask(request_ids)
+        return first, self._helper().submit(run)
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        return self._thread
+
+    def _rows(self, request_ids) -> list[tuple[object, str]]:
+        """(matcher, request id) of the constrained ones; the caller may remove matchers meanwhile."""
+        rows = []
+        for rid in request_ids:
+            matcher = self._matchers.get(rid)
+            if matcher is not None:
+                rows.append((matcher, rid))
+        return rows
+
+    def _compute(self, rows: list[tuple[object, str]]) -> GrammarBitmask:
+        words = np.empty((len(rows), self.words), dtype=np.int32)
+        live = []
+        for i, (matcher, _) in enumerate(rows):
+            if matcher.is_stopped():  # its request ends this step: the row is left unconstrained
+                words[i] = -1
+            else:
+                live.append((matcher, i))
+        if live:
+            # straight into the array's memory, row i at i * row bytes (llguidance.torch, which wraps
             # this, is not imported: its import runs torch.compile's set-up, ~2 s)
-            self._llguidance_executor().unsafe_compute_mask_ptr(live, words.data_ptr(), self.words * 4, len(rows))
+            self._llguidance_executor().unsafe_compute_mask_ptr(live, words.ctypes.data, self.words * 4, len(rows))
             for matcher, i in live:
                 if matcher.is_error():  # a resource limit hit while computing it: end the output cleanly
                     logger.error("request %s: its grammar failed: %s", rows[i][1], matcher.get_error()[:300])
                     words[i] = self._eos_only()
-        return GrammarBitmask([rid for _, rid in rows], words.numpy().tobytes())
+        return GrammarBitmask([rid for _, rid in rows], words.data.cast("B"))  # the array's bytes, not a copy
 
-    def _eos_only(self) -> torch.Tensor:
-        row = torch.zeros(self.words, dtype=torch.int64)
+    def _eos_only(self) -> np.ndarray:
+        row = np.zeros(self.words, dtype=np.uint32)
         for token in self.compiler.eos_token_ids:
-            row[token // 32] |= 1 << (token % 32)
-        return torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)  # the words as signed int32
-
-    def bitmask_async(self, request_ids: list[str]) -> Future | None:
-        """`bitmask` computed on a helper thread; None at once when no request is constrained."""
-        if not self.constrained(request_ids):
-            return None
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        return self._thread.submit(self.bitmask, list(request_ids))
+            row[token // 32] |= np.uint32(1 << (token % 32))
+        return row.view(np.int32)
 
     def _llguidance_executor(self):
         if self._executor is None:

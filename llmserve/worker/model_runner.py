@@ -159,13 +159,21 @@ class ModelRunner:
             state.output_token_ids.append(PLACEHOLDER)
         return _start_copy(sampled, result)
 
-    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
-        """Wait for the step's samples, record them in the requests' state, return them as plain data."""
+    def collect(self, step: LaunchedStep, result: ModelRunnerOutput | None = None) -> ModelRunnerOutput:
+        """Wait for the step's samples, record them in the requests' state, return them as plain data.
+        `result`: `wait_samples(step)`, when the caller has waited already."""
+        result = result if result is not None else self.wait_samples(step)
+        for (state, index), token_id in zip(step.sampled, result.sampled_token_ids):
+            state.output_token_ids[index] = token_id  # harmless if the request was dropped meanwhile
+        return result
+
+    @staticmethod
+    def wait_samples(step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for the step's samples and return them without recording them: another thread may do
+        this while the next step is being launched."""
         if not step.sampled:
             return ModelRunnerOutput(prompt_logprobs=step.prompt_logprobs)
         result = _finish_copy(step)
-        for (state, index), token_id in zip(step.sampled, result.sampled_token_ids):
-            state.output_token_ids[index] = token_id  # harmless if the request was dropped meanwhile
         result.prompt_logprobs = step.prompt_logprobs
         return result
 
@@ -249,20 +257,23 @@ class ModelRunner:
 def allowed_words(bitmask: GrammarBitmask | None, states: list[RequestState], logits: torch.Tensor
                   ) -> torch.Tensor | None:
     """The sampler's [B, W] int32 bitmask on the logits' device, a row per sampling request in batch
-    order; rows of unconstrained requests allow every token."""
+    order; rows of unconstrained requests allow every token. One copy to the device (pinned, not
+    waiting for the forward pass): the constrained rows, each with its batch row in an extra word."""
     if bitmask is None or not bitmask.request_ids:
         return None
-    masks = np.frombuffer(bitmask.words, dtype=np.int32).reshape(len(bitmask.request_ids), -1)
-    assert masks.shape[1] * 32 >= logits.shape[1], "the grammar bitmask is narrower than the vocabulary"
-    index = {request_id: i for i, request_id in enumerate(bitmask.request_ids)}
-    sources = np.array([index.get(state.request_id, -1) for state in states])
-    rows = np.full((len(states), masks.shape[1]), -1, dtype=np.int32)
-    constrained = sources >= 0
-    rows[constrained] = masks[sources[constrained]]
-    host = torch.from_numpy(rows)
-    if logits.is_cuda:
-        return host.pin_memory().to(logits.device, non_blocking=True)
-    return host
+    num_masks = len(bitmask.request_ids)
+    num_words = len(bitmask.words) // 4 // num_masks
+    assert num_words * 32 >= logits.shape[1], "the grammar bitmask is narrower than the vocabulary"
+    batch_row = {state.request_id: i for i, state in enumerate(states)}
+    host = torch.empty((num_masks, num_words + 1), dtype=torch.int32, pin_memory=logits.is_cuda)
+    packed = host.numpy()
+    packed[:, :num_words] = np.frombuffer(bitmask.words, dtype=np.int32).reshape(num_masks, num_words)
+    # a request not sampled this step writes to a spare row past the batch
+    packed[:, num_words] = [batch_row.get(request_id, len(states)) for request_id in bitmask.request_ids]
+    masks = host.to(logits.device, non_blocking=True)
+    words = torch.full((len(states) + 1, num_words), -1, dtype=torch.int32, device=logits.device)
+    words[masks[:, num_words].long()] = masks[:, :num_words]
+    return words[:len(states)]
 
 
 def _start_copy(sampled: list[tuple[RequestState, int]], result) -> LaunchedStep:
