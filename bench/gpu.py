@@ -118,18 +118,40 @@ def roofline_t(cfg: ModelConfig, prompts: list[list[int]], out_len: int, ceil: d
 # ---- llmserve ---------------------------------------------------------------------------
 def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                tokenizer_path: str | None = None) -> Engine:
+                tokenizer_path: str | None = None, quantization: str | None = None) -> Engine:
     torch.manual_seed(0)
     model = build_model(cfg, "cuda", "bfloat16")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
+    if quantization == "fp8":
+        quantize_fp8_in_place(model, cfg)
     config = EngineConfig(
         model="random", cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   max_model_len=4096, max_waiting=100000, async_scheduling=async_scheduling),
         device=DeviceConfig("cuda", "bfloat16", enforce_eager=enforce_eager))
     return Engine(model, cfg, config, tokenizer_path=tokenizer_path)  # the path: for grammars (structured.py)
+
+
+def quantize_fp8_in_place(model, cfg: ModelConfig, num_samples: int = 32) -> None:
+    """FP8 linears with input scales calibrated on workload T's first prompts (cut to 512 tokens), run
+    through a small eager engine over the bf16 model, as `llmserve convert --quantization fp8` does."""
+    from llmserve.quantization.calibrate import recording_input_amax
+    from llmserve.quantization.fp8 import quantize_native_fp8
+
+    config = EngineConfig(model="random", cache=CacheConfig(block_size=16, num_blocks=2048),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=64, max_model_len=4096),
+                          device=DeviceConfig("cuda", "bfloat16", enforce_eager=True), warmup=False)
+    calibration = Engine(model, cfg, config)
+    with recording_input_amax(model) as amax:
+        run_engine(calibration, [p[:512] for p in workload_t(num_samples)], 1)
+    del calibration
+    gc.collect()
+    torch.cuda.empty_cache()
+    quantize_native_fp8(model, amax)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def make_parallel_engine(cfg: ModelConfig, tp: int, pp: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -210,10 +232,11 @@ def llmserve_workloads(cfg: ModelConfig, args, ceil: dict) -> dict:
                                       args.kv_cache_dtype)
     else:
         engine = make_engine(cfg, args.max_num_seqs, args.max_num_batched_tokens, args.enforce_eager,
-                             args.async_scheduling, args.kv_cache_dtype)
+                             args.async_scheduling, args.kv_cache_dtype, quantization=args.quantization)
     results["tp"], results["pp"] = args.tp, args.pp
     results["kv_blocks"] = engine.kv.num_blocks
     results["kv_cache_dtype"] = args.kv_cache_dtype
+    results["quantization"] = args.quantization
     kv_elem = 1 if args.kv_cache_dtype == "fp8" else 2
     results["async_scheduling"] = engine.async_scheduling
     if "L" in args.workloads:
@@ -408,6 +431,8 @@ def main() -> None:
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: e4m3 KV cache (the roofline then counts 1 byte per K/V element)")
+    parser.add_argument("--quantization", default=None, choices=["fp8"],
+                        help="fp8: the decoder linears in FP8 (per-tensor scales, calibrated), as an FP8 checkpoint runs")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs), random weights per rank")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     parser.add_argument("--match-tp1", type=int, default=0, metavar="N",

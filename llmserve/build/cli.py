@@ -11,8 +11,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from llmserve.checkpoint.convert import convert_checkpoint
     from llmserve.checkpoint.pull import resolve_model
 
+    calibration = None
+    if args.quantization is not None:
+        from llmserve.quantization.calibrate import CalibrationConfig
+
+        calibration = CalibrationConfig(args.calib_dataset, args.calib_size, args.calib_seq_len, args.calib_device)
     source = resolve_model(args.model, progress=_say)
-    print(convert_checkpoint(source, args.out, tp_size=args.tp, pp_size=args.pp, dtype=args.dtype))
+    print(convert_checkpoint(source, args.out, tp_size=args.tp, pp_size=args.pp, dtype=args.dtype,
+                             quantization=args.quantization, calibration=calibration))
     return 0
 
 
@@ -76,6 +82,17 @@ def add_subcommands(sub) -> None:
     convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     convert.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                          help="weight dtype (default: the checkpoint's)")
+    convert.add_argument("--quantization", default=None, choices=["fp8"],
+                         help="fp8: TensorRT-LLM's FP8 checkpoint (quant_algo FP8: float8_e4m3fn weights with "
+                              "per-tensor weight and activation scales; the LM head stays in --dtype), calibrated "
+                              "by running the model over --calib-dataset")
+    convert.add_argument("--calib-dataset", default="sharegpt",
+                         help="sharegpt (its calibration part: never the text `llmserve eval ppl` holds out) or "
+                              "jsonl:PATH (one {\"text\": ...} per line)")
+    convert.add_argument("--calib-size", type=int, default=128, help="calibration samples")
+    convert.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sample, at most")
+    convert.add_argument("--calib-device", default=None,
+                         help="where calibration runs (default: cuda when available, else cpu)")
     convert.set_defaults(func=cmd_convert)
 
     build = sub.add_parser("build", help="build an engine in a worker process and file it in the repository")

@@ -105,7 +105,9 @@ def _copy_converted(source: TrtllmCheckpoint, dest: Path, dtype: str) -> Path:
         if config.get("dtype") == dtype:
             link_or_copy(source.rank_path(rank), dest / source.rank_path(rank).name)
             continue
-        shard = {name: t.to(DTYPES[dtype]) if t.is_floating_point() else t
+        # only tensors in the checkpoint's dtype: an FP8 checkpoint's weights and float32 scales stay as they are
+        stored = DTYPES.get(config.get("dtype"))
+        shard = {name: t.to(DTYPES[dtype]) if t.dtype == stored and not name.endswith("scaling_factor") else t
                  for name, t in load_file(source.rank_path(rank)).items()}
         save_rank_file(shard, dest / source.rank_path(rank).name)
         del shard  # one rank in memory at a time

@@ -22,6 +22,8 @@ ARCHITECTURE_OF_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED
 # Families whose q/k/v projections always carry a bias (Qwen2 has no config switch for it).
 QKV_BIAS_FAMILIES = {"Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# TensorRT-LLM quantization algorithms the native runtime executes (`quantization.quant_algo`)
+SUPPORTED_QUANT_ALGOS = ("FP8",)
 
 
 class UnsupportedModelError(ValueError):
@@ -65,8 +67,14 @@ def check_trtllm_config(trt: dict) -> None:
     _require(trt.get("position_embedding_type", "rope_gpt_neox") == "rope_gpt_neox",
              f"position_embedding_type {trt.get('position_embedding_type')!r} is not supported (rope_gpt_neox only)")
     _require(not trt.get("mlp_bias"), f"{architecture} with mlp_bias=true is not supported")
-    quant_algo = (trt.get("quantization") or {}).get("quant_algo")
-    _require(quant_algo is None, f"quantized TensorRT-LLM checkpoints (quant_algo {quant_algo}) are not supported")
+    quantization = trt.get("quantization") or {}
+    quant_algo = quantization.get("quant_algo")
+    _require(quant_algo is None or quant_algo in SUPPORTED_QUANT_ALGOS,
+             f"TensorRT-LLM checkpoints quantized with quant_algo {quant_algo} are not supported (llmserve runs "
+             f"{', '.join(SUPPORTED_QUANT_ALGOS)} and unquantized ones)")
+    _require(quant_algo is None or not trt.get("attn_bias"), f"quant_algo {quant_algo} with q/k/v biases is not supported")
+    kv_algo = quantization.get("kv_cache_quant_algo")
+    _require(kv_algo is None, f"kv_cache_quant_algo {kv_algo} is not supported (serve with --kv-cache-dtype instead)")
 
 
 def _architecture(hf: dict) -> str:

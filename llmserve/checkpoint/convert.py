@@ -134,17 +134,19 @@ SPLITTERS: dict[Split, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
 
 
 def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mapping: Mapping, rank: int,
-                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield rank `rank`'s TensorRT-LLM tensors, reading each HF tensor through `get` when needed."""
+                 dtype: torch.dtype, fp8_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield rank `rank`'s TensorRT-LLM tensors, reading each HF tensor through `get` when needed.
+    `fp8_scales` (quantization/fp8.py): the linears' weights are written as FP8, each with its two scales."""
     tp, tp_rank, pp_rank = mapping.tp_size, mapping.tp_rank(rank), mapping.pp_rank(rank)
     if pp_rank == 0:
         yield names.TRT_EMBEDDING, _owned(get(names.HF_EMBEDDING), dtype)
     for local, layer in enumerate(mapping.pp_layers(pp_rank, config.num_hidden_layers)):
         for hf_suffix, (trt_suffix, split) in names.LAYER_WEIGHTS.items():
             weight = SPLITTERS[split](get(names.hf_layer(layer, hf_suffix)), tp, tp_rank)
-            yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
+            yield from _layer_weight(local, layer, trt_suffix, weight, dtype, fp8_scales)
         q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
-        yield names.trt_layer(local, names.QKV_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
+        yield from _layer_weight(local, layer, names.QKV_TRT, split_qkv(q, k, v, config, tp, tp_rank), dtype, fp8_scales)
         if config.attn_bias:  # [q; k; v] biases split like the weight's rows (1-D: dim 0 is the row)
             q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_BIAS_HF)
             yield names.trt_layer(local, names.QKV_BIAS_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
@@ -152,6 +154,22 @@ def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mappin
         yield names.TRT_FINAL_NORM, _owned(get(names.HF_FINAL_NORM), dtype)
         lm_head = get(names.HF_EMBEDDING if config.tie_word_embeddings else names.HF_LM_HEAD)
         yield names.TRT_LM_HEAD, _owned(pad_and_split_lm_head(lm_head, tp, tp_rank), dtype)
+
+
+def _layer_weight(local: int, layer: int, trt_suffix: str, weight: torch.Tensor, dtype: torch.dtype,
+                  fp8_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer tensor as written: as is, or an FP8 linear's weight followed by its scales."""
+    linear = trt_suffix.removesuffix(".weight")
+    if fp8_scales is None or linear not in names.FP8_LINEARS:
+        yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
+        return
+    from llmserve.ops.fp8_linear import quantize_fp8
+
+    weight_scale, input_scale = fp8_scales[names.trt_layer(layer, linear)]
+    yield names.trt_layer(local, trt_suffix), quantize_fp8(weight, weight_scale).contiguous()
+    weight_suffix, input_suffix = names.fp8_scale_suffixes(linear)
+    yield names.trt_layer(local, weight_suffix), weight_scale.clone()
+    yield names.trt_layer(local, input_suffix), input_scale.clone()
 
 
 def num_rank_tensors(config: ModelConfig, mapping: Mapping, rank: int) -> int:
@@ -162,7 +180,7 @@ def num_rank_tensors(config: ModelConfig, mapping: Mapping, rank: int) -> int:
 def rank_tensor_names(config: ModelConfig, mapping: Mapping, rank: int) -> list[str]:
     """The names `rank_tensors` yields for `rank`, in its order: what a rank file must hold, nothing more."""
     pp_rank = mapping.pp_rank(rank)
-    suffixes = names.trt_layer_suffixes(config.attn_bias)
+    suffixes = names.trt_layer_suffixes(config.attn_bias, config.quant_algo)
     num_layers = len(mapping.pp_layers(pp_rank, config.num_hidden_layers))
     layers = [names.trt_layer(local, suffix) for local in range(num_layers) for suffix in suffixes]
     first = [names.TRT_EMBEDDING] if pp_rank == 0 else []
@@ -197,7 +215,7 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
         "rotary_scaling": config.rope_scaling,
         "tie_word_embeddings": config.tie_word_embeddings,
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "quantization": quantization_config(config.quant_algo),
         "mlp_bias": False,
         "attn_bias": config.attn_bias,
         **QWEN_TYPES.get(config.architecture, {}),
@@ -208,13 +226,25 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
     }
 
 
+def quantization_config(quant_algo: str | None) -> dict:
+    """The checkpoint config's `quantization` section (the LM head stays unquantized)."""
+    if quant_algo is None:
+        return {"quant_algo": None, "kv_cache_quant_algo": None}
+    return {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+
+
+QUANTIZATIONS = {"fp8": "FP8"}  # the converter's --quantization -> TensorRT-LLM quant_algo
+
+
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
-                       dtype: str | None = None, progress: bool = True) -> Path:
+                       dtype: str | None = None, progress: bool = True, quantization: str | None = None,
+                       calibration=None) -> Path:
     """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time.
 
     The files go to a temporary folder beside `out_dir`, renamed onto it when complete: an interrupted
     conversion leaves nothing, and a previous conversion in `out_dir` is replaced whole. Any other
-    non-empty `out_dir` is refused.
+    non-empty `out_dir` is refused. `quantization` ("fp8"): the model first runs over calibration
+    samples (`calibration`, a quantization.calibrate.CalibrationConfig; default: 128 ShareGPT samples).
     """
     _refuse_converted_source(src_dir)
     source = HFCheckpoint(src_dir)
@@ -222,13 +252,27 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization is not None and config.attn_bias:
+        raise ValueError(f"{config.architecture} with q/k/v biases cannot be quantized yet")
     validate_mapping(config, mapping)
     out = _check_out_dir(src_dir, out_dir)
+    fp8_scales = None
+    if quantization == "fp8":
+        from dataclasses import replace
+
+        from llmserve.quantization.calibrate import CalibrationConfig, input_amax
+        from llmserve.quantization.fp8 import fp8_scales as compute_fp8_scales
+
+        amax = input_amax(src_dir, calibration or CalibrationConfig(), progress=progress)
+        fp8_scales = compute_fp8_scales(source.get, config, amax)
+        config = replace(config, quant_algo=QUANTIZATIONS[quantization])
     # The bars are context managers so that Ctrl-C closes them (ending their line) before the CLI
     # prints "interrupted"; an iterator bar would only close when garbage collected.
     with staged_dir(out) as staging, tqdm(total=mapping.world_size, desc="ranks", disable=not progress) as ranks:
         for rank in range(mapping.world_size):
-            tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype])
+            tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype], fp8_scales)
             total = num_rank_tensors(config, mapping, rank)
             with tqdm(total=total, desc=f"rank{rank}", leave=False, disable=not progress) as bar:
                 shard = {}

@@ -32,6 +32,7 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    quant_algo: str | None = None  # TensorRT-LLM's `quantization.quant_algo` of a converted checkpoint
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -102,6 +103,7 @@ class ModelConfig:
             dtype=trt.get("dtype", "float32"),
             bos_token_id=trt.get("bos_token_id"),
             eos_token_id=_as_list(trt.get("eos_token_id")),
+            quant_algo=(trt.get("quantization") or {}).get("quant_algo"),
         )
 
     @classmethod

@@ -73,9 +73,26 @@ def hf_layer_suffixes(attn_bias: bool) -> list[str]:
     return [*LAYER_WEIGHTS, *QKV_HF, *(QKV_BIAS_HF if attn_bias else ())]
 
 
-def trt_layer_suffixes(attn_bias: bool) -> list[str]:
+# FP8 checkpoints: each of these linears' weight is float8_e4m3fn, with two per-tensor float32 scales
+FP8_LINEARS = ("attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "attention.qkv")
+FP8_WEIGHT_SCALE = "weights_scaling_factor"
+FP8_INPUT_SCALE = "activation_scaling_factor"
+
+
+def fp8_scale_suffixes(linear: str) -> tuple[str, str]:
+    """The weight and activation scale suffixes of one FP8 linear (e.g. `attention.qkv`)."""
+    return f"{linear}.{FP8_WEIGHT_SCALE}", f"{linear}.{FP8_INPUT_SCALE}"
+
+
+def trt_layer_suffixes(attn_bias: bool, quant_algo: str | None = None) -> list[str]:
     """The TensorRT-LLM per-layer tensor suffixes of one rank, in the order the converter writes them."""
-    return [*(trt for trt, _ in LAYER_WEIGHTS.values()), QKV_TRT, *((QKV_BIAS_TRT,) if attn_bias else ())]
+    suffixes = []
+    for trt, _ in [*LAYER_WEIGHTS.values(), (QKV_TRT, None)]:
+        suffixes.append(trt)
+        linear = trt.removesuffix(".weight")
+        if quant_algo == "FP8" and linear in FP8_LINEARS:
+            suffixes.extend(fp8_scale_suffixes(linear))
+    return suffixes + ([QKV_BIAS_TRT] if attn_bias else [])
 
 
 def hf_tensor_names(num_layers: int, tie_word_embeddings: bool, attn_bias: bool) -> set[str]:

@@ -88,13 +88,24 @@ class TrtllmCheckpoint:
                 for trt_suffix, split in names.LAYER_WEIGHTS.values():
                     parts = [get(names.trt_layer(local, trt_suffix)) for get in gets]
                     yield names.trt_layer(layer, trt_suffix), MERGERS[split](parts)
+                    yield from self._fp8_scales(gets[0], local, layer, trt_suffix)
                 qkv_suffixes = [names.QKV_TRT, *((names.QKV_BIAS_TRT,) if config.attn_bias else ())]
                 for suffix in qkv_suffixes:
                     parts = [get(names.trt_layer(local, suffix)) for get in gets]
                     yield names.trt_layer(layer, suffix), merge_qkv(parts, config)
+                    yield from self._fp8_scales(gets[0], local, layer, suffix)
         last = stage(mapping.pp_size - 1)
         yield names.TRT_FINAL_NORM, last[0](names.TRT_FINAL_NORM)
         yield names.TRT_LM_HEAD, merge_lm_head([get(names.TRT_LM_HEAD) for get in last], config.vocab_size)
+
+
+    def _fp8_scales(self, get: Callable[[str], torch.Tensor], local: int, layer: int,
+                    trt_suffix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """An FP8 linear's two per-tensor scales (the same on every tensor-parallel rank)."""
+        linear = trt_suffix.removesuffix(".weight")
+        if self.config.quant_algo == "FP8" and linear in names.FP8_LINEARS:
+            for suffix in names.fp8_scale_suffixes(linear):
+                yield names.trt_layer(layer, suffix), get(names.trt_layer(local, suffix))
 
 
 def merge_qkv(parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:

@@ -185,7 +185,7 @@ class Transformer(nn.Module):
             h, residual = self.vocab_embedding(input_ids), None  # [T, E]
         else:
             h, residual = self.parallel.recv_from_previous_stage(input_ids.shape[0], self.hidden_size,
-                                                                 self.layers[0].mlp.proj.weight.dtype)
+                                                                 self.layers[0].input_layernorm.weight.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
         if self.ln_f is None:
@@ -227,6 +227,8 @@ class LlamaForCausalLM(nn.Module):
         """Copy one rank's TensorRT-LLM-named tensors (local layer numbers) into the modules; every weight
         must arrive. The embedding arrives whole and each rank keeps its vocabulary rows."""
         params = dict(self.named_parameters())
+        # the per-tensor scales of FP8 linears are buffers, loaded like weights
+        params |= {name: buffer for name, buffer in self.named_buffers() if name.endswith(("weight_scale", "input_scale"))}
         missing = set(params)
         local_intermediate = rank_config(self.config, self.parallel).intermediate_size
         for name, tensor in tensors:

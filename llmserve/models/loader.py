@@ -45,7 +45,20 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
         model = LlamaForCausalLM(config, backend, parallel)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
+    if config.quant_algo == "FP8":
+        from llmserve.quantization.fp8 import use_fp8_linears
+
+        use_fp8_linears(model)
     return model.eval()
+
+
+def load_tensors(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load checkpoint tensors into `model`, quantized ones under the native modules' names."""
+    if model.config.quant_algo == "FP8":
+        from llmserve.quantization.fp8 import native_fp8_tensors
+
+        tensors = native_fp8_tensors(tensors)
+    model.load_weights(tensors)
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -53,7 +66,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
     """Read the checkpoint at `path` into a native model on `device`."""
     checkpoint = open_checkpoint(path, device)
     model = build_model(checkpoint.config, device, dtype)
-    model.load_weights(checkpoint_tensors(checkpoint))
+    if quantization == "int8" and checkpoint.config.quant_algo is not None:
+        raise ValueError(f"{path} is quantized already ({checkpoint.config.quant_algo}): serve it without --quantization")
+    load_tensors(model, checkpoint_tensors(checkpoint))
     if quantization == "int8":
         from llmserve.ops.int8_linear import quantize_linears_int8
 
@@ -82,5 +97,5 @@ def load_rank_model(path: str | Path, parallel, device: str, dtype: str) -> tupl
     """Rank `parallel.rank`'s part of the model at `path`, on `device`."""
     config, tensors = rank_tensors_of(path, parallel, dtype)
     model = build_model(config, parallel.device if device.startswith("cuda") else device, dtype, parallel=parallel)
-    model.load_weights(tensors)
+    load_tensors(model, tensors)
     return config, model

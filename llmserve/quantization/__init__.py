@@ -1,0 +1,1 @@
+"""Quantized checkpoints: calibration on real text, scales, and TensorRT-LLM's quantized tensor names."""

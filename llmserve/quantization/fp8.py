@@ -1,0 +1,109 @@
+"""FP8 (TensorRT-LLM `quant_algo` FP8): per-tensor scales of every linear layer but the LM head.
+
+Weight scales come from the whole (unsplit) weights, so every tensor-parallel rank holds the same
+scalars; input scales from calibration (`calibrate.input_amax`). The native runtime runs gate and
+up as one GEMM, so the converter gives `mlp.fc` and `mlp.gate` one weight scale (a checkpoint from
+elsewhere with two is requantized to the larger at load).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llmserve.checkpoint import names
+from llmserve.checkpoint.model_config import ModelConfig
+from llmserve.ops.fp8_linear import fp8_scale
+
+Scales = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear (global TRT name) -> (weight scale, input scale)
+
+
+def fp8_scales(get: Callable[[str], torch.Tensor], config: ModelConfig, input_amax: dict[str, torch.Tensor]) -> Scales:
+    """(weight scale, input scale), each [1] float32, of every FP8 linear, keyed `transformer.layers.{i}.mlp.fc`."""
+    scales: Scales = {}
+    for i in range(config.num_hidden_layers):
+        def weight_amax(*hf_suffixes: str) -> torch.Tensor:
+            return torch.stack([get(names.hf_layer(i, s)).abs().max().float() for s in hf_suffixes]).max()
+
+        def input_scale(linear: str) -> torch.Tensor:
+            return fp8_scale(input_amax[names.trt_layer(i, linear)].max())
+
+        gate_up = (fp8_scale(weight_amax("mlp.gate_proj.weight", "mlp.up_proj.weight")), input_scale("mlp.gate_up"))
+        scales |= {
+            names.trt_layer(i, "attention.qkv"): (fp8_scale(weight_amax(*names.QKV_HF)), input_scale("attention.qkv")),
+            names.trt_layer(i, "attention.dense"): (fp8_scale(weight_amax("self_attn.o_proj.weight")),
+                                                    input_scale("attention.dense")),
+            names.trt_layer(i, "mlp.fc"): gate_up,
+            names.trt_layer(i, "mlp.gate"): gate_up,
+            names.trt_layer(i, "mlp.proj"): (fp8_scale(weight_amax("mlp.down_proj.weight")), input_scale("mlp.proj")),
+        }
+    return scales
+
+
+# ---- loading into the native model ---------------------------------------------------------
+NATIVE_LINEARS = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.proj")  # mlp.gate_up = fc + gate
+_NATIVE_SCALE = {names.FP8_WEIGHT_SCALE: "weight_scale", names.FP8_INPUT_SCALE: "input_scale"}
+
+
+def use_fp8_linears(model: torch.nn.Module) -> None:
+    """Replace each decoder layer's linears by FP8 ones of the same (per-rank) shape, on the same device."""
+    from llmserve.ops.fp8_linear import Fp8Linear
+
+    for layer in model.transformer.layers:
+        for path in NATIVE_LINEARS:
+            parent_name, child = path.split(".")
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, child)
+            setattr(parent, child, Fp8Linear(linear.in_features, linear.out_features, device=linear.weight.device))
+
+
+def native_fp8_tensors(tensors):
+    """A checkpoint's FP8 tensors under the native modules' names: scales renamed (`weight_scale`,
+    `input_scale`), and `mlp.fc` + `mlp.gate` fused into `mlp.gate_up` on one weight scale."""
+    from llmserve.ops.fp8_linear import quantize_fp8
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # layer prefix -> its fc/gate tensors so far
+    for name, tensor in tensors:
+        prefix, _, leaf = name.rpartition(".")
+        module_prefix, _, module = prefix.rpartition(".")
+        if module in ("fc", "gate") and module_prefix.endswith(".mlp"):
+            parts = pending.setdefault(module_prefix, {})
+            parts[f"{module}.{leaf}"] = tensor
+            if len(parts) == 6:  # both weights and their two scales each
+                yield from _fused_gate_up(module_prefix, pending.pop(module_prefix), quantize_fp8)
+            continue
+        yield (f"{prefix}.{_NATIVE_SCALE[leaf]}", tensor) if leaf in _NATIVE_SCALE else (name, tensor)
+    assert not pending, f"FP8 gate/up tensors incomplete for {sorted(pending)}"
+
+
+def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor], quantize_fp8):
+    scales = [parts[f"{m}.{names.FP8_WEIGHT_SCALE}"].float().reshape(1) for m in ("fc", "gate")]
+    weight_scale = torch.maximum(*scales)
+    weights = []
+    for module, scale in zip(("fc", "gate"), scales):
+        weight = parts[f"{module}.weight"]
+        # a checkpoint from elsewhere may scale the two apart: requantize onto the larger scale
+        weights.append(weight if torch.equal(scale, weight_scale) else quantize_fp8(weight.float() * scale, weight_scale))
+    input_scale = torch.maximum(*(parts[f"{m}.{names.FP8_INPUT_SCALE}"].float().reshape(1) for m in ("fc", "gate")))
+    yield f"{mlp}.gate_up.weight", torch.cat(weights, dim=0)
+    yield f"{mlp}.gate_up.weight_scale", weight_scale
+    yield f"{mlp}.gate_up.input_scale", input_scale
+
+
+@torch.no_grad()
+def quantize_native_fp8(model: torch.nn.Module, input_amax: dict[str, torch.Tensor]) -> None:
+    """Turn a loaded (unquantized) native model's decoder linears into FP8 ones in place: weight scales
+    from the weights, input scales from `input_amax` (`calibrate.recording_input_amax`)."""
+    from llmserve.ops.fp8_linear import Fp8Linear, fp8_scale, quantize_fp8
+
+    for i, layer in enumerate(model.transformer.layers):
+        for path in NATIVE_LINEARS:
+            parent_name, child = path.split(".")
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, child)
+            fp8 = Fp8Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+            fp8.weight_scale.copy_(fp8_scale(linear.weight.abs().max().float()))
+            fp8.weight.copy_(quantize_fp8(linear.weight, fp8.weight_scale))
+            fp8.input_scale.copy_(fp8_scale(input_amax[f"transformer.layers.{i}.{path}"].max()))
+            setattr(parent, child, fp8)
