@@ -124,8 +124,8 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    if quantization == "fp8":
-        quantize_fp8_in_place(model, cfg)
+    if quantization is not None:
+        quantize_in_place(model, cfg, quantization)
     config = EngineConfig(
         model="random", cache=CacheConfig(block_size=16, gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -134,11 +134,13 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
     return Engine(model, cfg, config, tokenizer_path=tokenizer_path)  # the path: for grammars (structured.py)
 
 
-def quantize_fp8_in_place(model, cfg: ModelConfig, num_samples: int = 32) -> None:
-    """FP8 linears with input scales calibrated on workload T's first prompts (cut to 512 tokens), run
-    through a small eager engine over the bf16 model, as `llmserve convert --quantization fp8` does."""
+def quantize_in_place(model, cfg: ModelConfig, quantization: str, num_samples: int = 32) -> None:
+    """FP8 or INT8 SmoothQuant (alpha 0.5) linears with input scales calibrated on workload T's first
+    prompts (cut to 512 tokens), run through a small eager engine over the bf16 model, as
+    `llmserve convert --quantization fp8|int8-sq` does."""
     from llmserve.quantization.calibrate import recording_input_amax
     from llmserve.quantization.fp8 import quantize_native_fp8
+    from llmserve.quantization.int8_sq import quantize_native_int8_sq
 
     config = EngineConfig(model="random", cache=CacheConfig(block_size=16, num_blocks=2048),
                           scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=64, max_model_len=4096),
@@ -149,7 +151,10 @@ def quantize_fp8_in_place(model, cfg: ModelConfig, num_samples: int = 32) -> Non
     del calibration
     gc.collect()
     torch.cuda.empty_cache()
-    quantize_native_fp8(model, amax)
+    if quantization == "fp8":
+        quantize_native_fp8(model, amax)
+    else:
+        quantize_native_int8_sq(model, amax)
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -431,8 +436,9 @@ def main() -> None:
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: e4m3 KV cache (the roofline then counts 1 byte per K/V element)")
-    parser.add_argument("--quantization", default=None, choices=["fp8"],
-                        help="fp8: the decoder linears in FP8 (per-tensor scales, calibrated), as an FP8 checkpoint runs")
+    parser.add_argument("--quantization", default=None, choices=["fp8", "int8-sq"],
+                        help="the decoder linears in FP8 (per-tensor scales) or INT8 SmoothQuant, calibrated, as such "
+                             "a checkpoint runs")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs), random weights per rank")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     parser.add_argument("--match-tp1", type=int, default=0, metavar="N",

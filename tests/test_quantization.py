@@ -41,10 +41,28 @@ def source(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def fp8_dirs(source, tmp_path_factory):
+def quantized_dirs(source, tmp_path_factory):
+    """quantization -> tp -> converted folder (made on first use)."""
     _, path, calibration = source
-    return {tp: convert_checkpoint(path, tmp_path_factory.mktemp(f"fp8-tp{tp}"), tp_size=tp, quantization="fp8",
-                                   calibration=calibration, progress=False) for tp in (1, 2)}
+    cache: dict[str, dict[int, object]] = {}
+
+    def get(quantization: str) -> dict[int, object]:
+        if quantization not in cache:
+            cache[quantization] = {tp: convert_checkpoint(path, tmp_path_factory.mktemp(f"{quantization}-tp{tp}"),
+                                                          tp_size=tp, quantization=quantization,
+                                                          calibration=calibration, progress=False) for tp in (1, 2)}
+        return cache[quantization]
+    return get
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(quantized_dirs):
+    return quantized_dirs("fp8")
+
+
+@pytest.fixture(scope="module")
+def sq_dirs(quantized_dirs):
+    return quantized_dirs("int8-sq")
 
 
 def _rank(path, rank: int) -> dict[str, torch.Tensor]:
@@ -119,16 +137,19 @@ def _logits(path, tokens: list[int]) -> torch.Tensor:
         return model.compute_logits(prefill_hidden(engine, tokens))
 
 
-def test_fp8_checkpoint_runs_close_to_float32_and_alike_at_any_split(source, fp8_dirs, tokenizer):
+@pytest.mark.parametrize("quantization, bound", [("fp8", 0.1), ("int8-sq", 0.1)])
+def test_a_quantized_checkpoint_runs_close_to_float32_and_alike_at_any_split(source, quantized_dirs, quantization,
+                                                                              bound, tokenizer):
     hf, _, _ = source
+    dirs = quantized_dirs(quantization)
     tokens = tokenizer.encode(TEXTS[0])
     with torch.no_grad():
         want = hf(torch.tensor([tokens])).logits[0]
-    got = _logits(fp8_dirs[1], tokens)
+    got = _logits(dirs[1], tokens)
     error = ((got - want).norm() / want.norm()).item()
-    assert 0 < error < 0.1, f"FP8 logits relative error {error}"
-    # the tp=2 shards merge back into the tp=1 tensors exactly
-    assert torch.equal(_logits(fp8_dirs[2], tokens), got)
+    assert 0 < error < bound, f"{quantization} logits relative error {error}"
+    # the tp=2 shards (and their split scales) merge back into the tp=1 tensors exactly
+    assert torch.equal(_logits(dirs[2], tokens), got)
 
 
 def test_fp8_linear_on_cpu_is_the_dequantized_product():
@@ -235,18 +256,120 @@ def test_a_build_casting_an_fp8_checkpoint_keeps_its_fp8_weights_and_scales(fp8_
 
 
 @pytest.mark.slow
-def test_an_fp8_checkpoint_runs_at_tp2_like_at_tp1(fp8_dirs, tokenizer):
-    """Each tensor rank loads its own FP8 shard (row-parallel dense/proj included) and the ranks agree
-    with one process on the tp=1 conversion."""
+@pytest.mark.parametrize("quantization", ["fp8", "int8-sq"])
+def test_a_quantized_checkpoint_runs_at_tp2_like_at_tp1(quantized_dirs, quantization, tokenizer):
+    """Each tensor rank loads its own quantized shard (row-parallel dense/proj included) and the ranks
+    agree with one process on the tp=1 conversion."""
     from llmserve.llm import LLM
     from llmserve.sampling_params import SamplingParams
 
+    dirs = quantized_dirs(quantization)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
     prompts = [tokenizer.encode(text) for text in TEXTS[:3]]
-    with LLM(str(fp8_dirs[1])) as llm:
+    with LLM(str(dirs[1])) as llm:
         want = [r.outputs[0] for r in llm.generate(prompts, params)]
-    with LLM(str(fp8_dirs[2]), tensor_parallel_size=2) as llm:
+    with LLM(str(dirs[2]), tensor_parallel_size=2) as llm:
         got = [r.outputs[0] for r in llm.generate(prompts, params)]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for a, b in zip(got, want):
         assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-3)
+
+
+# ---- SmoothQuant ------------------------------------------------------------------------------
+def test_smoothquant_tensors_have_tensorrt_llms_names_dtypes_and_shapes(source, sq_dirs):
+    hf, _, _ = source
+    cfg = hf.config
+    config = json.loads((sq_dirs[2] / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    full = {"attention.qkv": (cfg.hidden_size + 2 * kv, cfg.hidden_size), "attention.dense": (cfg.hidden_size,) * 2,
+            "mlp.fc": (cfg.intermediate_size, cfg.hidden_size), "mlp.gate": (cfg.intermediate_size, cfg.hidden_size),
+            "mlp.proj": (cfg.hidden_size, cfg.intermediate_size)}
+    for tp, path in sq_dirs.items():
+        for rank in range(tp):
+            tensors = _rank(path, rank)
+            for linear, split in LINEARS.items():
+                prefix = f"transformer.layers.1.{linear}"
+                out, inp = full[linear]
+                column = split == "column"
+                assert tensors[f"{prefix}.weight"].dtype == torch.int8
+                assert tuple(tensors[f"{prefix}.weight"].shape) == ((out // tp, inp) if column else (out, inp // tp))
+                # column layers split their per-row weight scales, row layers their per-input prequant scales
+                assert tuple(tensors[f"{prefix}.weights_scaling_factor"].shape) == ((out // tp,) if column else (out,))
+                assert tuple(tensors[f"{prefix}.prequant_scaling_factor"].shape) == ((inp,) if column else (inp // tp,))
+                assert tuple(tensors[f"{prefix}.activation_scaling_factor"].shape) == (1,)
+                assert tensors[f"{prefix}.weights_scaling_factor"].dtype == torch.float32
+
+
+def test_smoothquant_weights_dequantize_to_the_originals_within_half_a_step(source, sq_dirs):
+    hf, _, _ = source
+    state, tensors = hf.state_dict(), _rank(sq_dirs[1], 0)
+    original = state["model.layers.0.self_attn.o_proj.weight"]
+    prefix = "transformer.layers.0.attention.dense"
+    step = tensors[f"{prefix}.weights_scaling_factor"][:, None] * tensors[f"{prefix}.prequant_scaling_factor"][None, :]
+    error = (tensors[f"{prefix}.weight"].float() * step - original).abs()
+    assert (error <= 0.5 * step * (1 + 1e-5) + 1e-7).all()
+
+
+def test_smoothing_beats_plain_w8a8_on_outlier_channels():
+    """SmoothQuant's claim, on one linear: inputs with a few large channels lose less when smoothed."""
+    from llmserve.ops.int8_sq_linear import Int8SqLinear
+    from llmserve.quantization.int8_sq import smooth_quantize
+
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 128, generator=generator) * 0.05
+    x = torch.randn(256, 128, generator=generator)
+    x[:, :4] *= 60  # outlier channels, as LLM activations have
+    want = x @ weight.t()
+    errors = {}
+    for alpha in (0.0, 0.5):
+        quantized = smooth_quantize(weight, x.abs().amax(dim=0), alpha)
+        linear = Int8SqLinear(128, 64)
+        linear.weight.copy_(quantized["weight"])
+        linear.weight_scale.copy_(quantized["weights_scaling_factor"])
+        linear.input_scale.copy_(quantized["activation_scaling_factor"])
+        linear.prequant_scale.copy_(quantized["prequant_scaling_factor"])
+        errors[alpha] = ((linear(x) - want).norm() / want.norm()).item()
+    assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+def test_int8_linear_is_the_exact_integer_product():
+    from llmserve.ops.int8_sq_linear import Int8SqLinear, quantize_int8
+
+    generator = torch.Generator().manual_seed(5)
+    linear = Int8SqLinear(32, 16)
+    linear.weight.copy_(torch.randint(-127, 128, (16, 32), generator=generator, dtype=torch.int8))
+    linear.weight_scale.copy_(torch.rand(16, generator=generator) * 0.01)
+    linear.input_scale.fill_(0.02)
+    linear.prequant_scale.copy_(torch.rand(32, generator=generator) + 0.5)
+    x = torch.randn(3, 32, generator=generator)
+    x_int = quantize_int8(x * linear.prequant_scale, linear.input_scale).long()
+    want = (x_int @ linear.weight.long().t()).double() * (0.02 * linear.weight_scale.double())
+    assert torch.allclose(linear(x).double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_smoothquant_alpha_out_of_range_is_refused(source, tmp_path):
+    _, path, calibration = source
+    with pytest.raises(ValueError, match="smoothquant-alpha"):
+        convert_checkpoint(path, tmp_path / "out", quantization="int8-sq", calibration=calibration,
+                           smoothquant_alpha=1.5, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel, torch._int_mm)")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_int8_linear_on_cuda_matches_the_cpu_path(rows):
+    from llmserve.ops.int8_sq_linear import Int8SqLinear, smooth_quantize_input
+
+    generator = torch.Generator().manual_seed(6)
+    linear = Int8SqLinear(256, 512)
+    linear.weight.copy_(torch.randint(-127, 128, (512, 256), generator=generator, dtype=torch.int8))
+    linear.weight_scale.copy_(torch.rand(512, generator=generator) * 0.01)
+    linear.input_scale.fill_(0.03)
+    linear.prequant_scale.copy_(torch.rand(256, generator=generator) + 0.5)
+    x = torch.randn(rows, 256, generator=generator).bfloat16()
+    quantized = smooth_quantize_input(x.float(), linear.prequant_scale, linear.input_scale)
+    on_gpu = smooth_quantize_input(x.cuda().float().contiguous(), linear.prequant_scale.cuda(), linear.input_scale.cuda())
+    assert torch.equal(on_gpu.cpu(), quantized)  # the Triton kernel rounds like torch (ties to even)
+    want = linear(x.float())
+    got = linear.cuda()(x.cuda()).float().cpu()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -18,7 +18,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         calibration = CalibrationConfig(args.calib_dataset, args.calib_size, args.calib_seq_len, args.calib_device)
     source = resolve_model(args.model, progress=_say)
     print(convert_checkpoint(source, args.out, tp_size=args.tp, pp_size=args.pp, dtype=args.dtype,
-                             quantization=args.quantization, calibration=calibration))
+                             quantization=args.quantization, calibration=calibration,
+                             smoothquant_alpha=args.smoothquant_alpha))
     return 0
 
 
@@ -82,10 +83,15 @@ def add_subcommands(sub) -> None:
     convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     convert.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                          help="weight dtype (default: the checkpoint's)")
-    convert.add_argument("--quantization", default=None, choices=["fp8"],
+    convert.add_argument("--quantization", default=None, choices=["fp8", "int8-sq"],
                          help="fp8: TensorRT-LLM's FP8 checkpoint (quant_algo FP8: float8_e4m3fn weights with "
-                              "per-tensor weight and activation scales; the LM head stays in --dtype), calibrated "
-                              "by running the model over --calib-dataset")
+                              "per-tensor weight and activation scales); int8-sq: INT8 SmoothQuant (quant_algo "
+                              "W8A8_SQ_PER_CHANNEL: int8 weights with per-channel scales, smoothed int8 inputs "
+                              "with a per-tensor scale). The LM head stays in --dtype; both are calibrated by "
+                              "running the model over --calib-dataset")
+    convert.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                         help="int8-sq: how much of the inputs' range moves into the weights, in [0, 1] "
+                              "(0: no smoothing)")
     convert.add_argument("--calib-dataset", default="sharegpt",
                          help="sharegpt (its calibration part: never the text `llmserve eval ppl` holds out) or "
                               "jsonl:PATH (one {\"text\": ...} per line)")

@@ -23,7 +23,7 @@ ARCHITECTURE_OF_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED
 QKV_BIAS_FAMILIES = {"Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # TensorRT-LLM quantization algorithms the native runtime executes (`quantization.quant_algo`)
-SUPPORTED_QUANT_ALGOS = ("FP8",)
+SUPPORTED_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL")
 
 
 class UnsupportedModelError(ValueError):

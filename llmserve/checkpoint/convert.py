@@ -126,6 +126,16 @@ def pad_and_split_lm_head(weight: torch.Tensor, tp_size: int, tp_rank: int) -> t
     return torch.nn.functional.pad(weight[start:end], (0, 0, 0, rows - (end - start)))
 
 
+def rank_slice(get: Callable[[str], torch.Tensor], config: ModelConfig, layer: int, linear: str,
+               tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s slice of one decoder linear's weight (`attention.qkv`, `mlp.fc`, ...), unconverted."""
+    if linear == "attention.qkv":
+        q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
+        return split_qkv(q, k, v, config, tp_size, tp_rank)
+    hf_suffix, split = LINEAR_SOURCES[linear]
+    return SPLITTERS[split](get(names.hf_layer(layer, hf_suffix)), tp_size, tp_rank)
+
+
 SPLITTERS: dict[Split, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
     Split.REPLICATED: lambda weight, tp_size, tp_rank: weight,
     Split.COLUMN: split_column,
@@ -133,20 +143,31 @@ SPLITTERS: dict[Split, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
 }
 
 
+# decoder linear (TRT name) -> (HF weight suffix, split); q/k/v are fused by `split_qkv`
+LINEAR_SOURCES = {trt.removesuffix(".weight"): (hf, split) for hf, (trt, split) in names.LAYER_WEIGHTS.items()
+                  if trt.removesuffix(".weight") in names.QUANTIZED_LINEARS}
+
+
 def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mapping: Mapping, rank: int,
-                 dtype: torch.dtype, fp8_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+                 dtype: torch.dtype, quantizer=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield rank `rank`'s TensorRT-LLM tensors, reading each HF tensor through `get` when needed.
-    `fp8_scales` (quantization/fp8.py): the linears' weights are written as FP8, each with its two scales."""
+    `quantizer` (llmserve/quantization/): writes each decoder linear quantized, followed by its scales."""
     tp, tp_rank, pp_rank = mapping.tp_size, mapping.tp_rank(rank), mapping.pp_rank(rank)
     if pp_rank == 0:
         yield names.TRT_EMBEDDING, _owned(get(names.HF_EMBEDDING), dtype)
     for local, layer in enumerate(mapping.pp_layers(pp_rank, config.num_hidden_layers)):
         for hf_suffix, (trt_suffix, split) in names.LAYER_WEIGHTS.items():
+            linear = trt_suffix.removesuffix(".weight")
+            if quantizer is not None and linear in names.QUANTIZED_LINEARS:
+                yield from quantizer.rank_linear(get, layer, local, linear, mapping, rank)
+                continue
             weight = SPLITTERS[split](get(names.hf_layer(layer, hf_suffix)), tp, tp_rank)
-            yield from _layer_weight(local, layer, trt_suffix, weight, dtype, fp8_scales)
-        q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
-        yield from _layer_weight(local, layer, names.QKV_TRT, split_qkv(q, k, v, config, tp, tp_rank), dtype, fp8_scales)
+            yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
+        if quantizer is not None:
+            yield from quantizer.rank_linear(get, layer, local, "attention.qkv", mapping, rank)
+        else:
+            q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_HF)
+            yield names.trt_layer(local, names.QKV_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
         if config.attn_bias:  # [q; k; v] biases split like the weight's rows (1-D: dim 0 is the row)
             q, k, v = (get(names.hf_layer(layer, suffix)) for suffix in names.QKV_BIAS_HF)
             yield names.trt_layer(local, names.QKV_BIAS_TRT), _owned(split_qkv(q, k, v, config, tp, tp_rank), dtype)
@@ -154,22 +175,6 @@ def rank_tensors(get: Callable[[str], torch.Tensor], config: ModelConfig, mappin
         yield names.TRT_FINAL_NORM, _owned(get(names.HF_FINAL_NORM), dtype)
         lm_head = get(names.HF_EMBEDDING if config.tie_word_embeddings else names.HF_LM_HEAD)
         yield names.TRT_LM_HEAD, _owned(pad_and_split_lm_head(lm_head, tp, tp_rank), dtype)
-
-
-def _layer_weight(local: int, layer: int, trt_suffix: str, weight: torch.Tensor, dtype: torch.dtype,
-                  fp8_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """One layer tensor as written: as is, or an FP8 linear's weight followed by its scales."""
-    linear = trt_suffix.removesuffix(".weight")
-    if fp8_scales is None or linear not in names.FP8_LINEARS:
-        yield names.trt_layer(local, trt_suffix), _owned(weight, dtype)
-        return
-    from llmserve.ops.fp8_linear import quantize_fp8
-
-    weight_scale, input_scale = fp8_scales[names.trt_layer(layer, linear)]
-    yield names.trt_layer(local, trt_suffix), quantize_fp8(weight, weight_scale).contiguous()
-    weight_suffix, input_suffix = names.fp8_scale_suffixes(linear)
-    yield names.trt_layer(local, weight_suffix), weight_scale.clone()
-    yield names.trt_layer(local, input_suffix), input_scale.clone()
 
 
 def num_rank_tensors(config: ModelConfig, mapping: Mapping, rank: int) -> int:
@@ -233,18 +238,19 @@ def quantization_config(quant_algo: str | None) -> dict:
     return {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
 
 
-QUANTIZATIONS = {"fp8": "FP8"}  # the converter's --quantization -> TensorRT-LLM quant_algo
+QUANTIZATIONS = {"fp8": "FP8", "int8-sq": "W8A8_SQ_PER_CHANNEL"}  # --quantization -> TensorRT-LLM quant_algo
 
 
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
                        dtype: str | None = None, progress: bool = True, quantization: str | None = None,
-                       calibration=None) -> Path:
+                       calibration=None, smoothquant_alpha: float = 0.5) -> Path:
     """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time.
 
     The files go to a temporary folder beside `out_dir`, renamed onto it when complete: an interrupted
     conversion leaves nothing, and a previous conversion in `out_dir` is replaced whole. Any other
-    non-empty `out_dir` is refused. `quantization` ("fp8"): the model first runs over calibration
-    samples (`calibration`, a quantization.calibrate.CalibrationConfig; default: 128 ShareGPT samples).
+    non-empty `out_dir` is refused. `quantization` ("fp8", "int8-sq"): the model first runs over
+    calibration samples (`calibration`, a quantization.calibrate.CalibrationConfig; default: 128
+    ShareGPT samples); `smoothquant_alpha` is SmoothQuant's migration strength (0: no smoothing).
     """
     _refuse_converted_source(src_dir)
     source = HFCheckpoint(src_dir)
@@ -256,23 +262,31 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
         raise ValueError(f"quantization must be one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
     if quantization is not None and config.attn_bias:
         raise ValueError(f"{config.architecture} with q/k/v biases cannot be quantized yet")
+    if not 0.0 <= smoothquant_alpha <= 1.0:
+        raise ValueError(f"--smoothquant-alpha must be in [0, 1], got {smoothquant_alpha}")
     validate_mapping(config, mapping)
     out = _check_out_dir(src_dir, out_dir)
-    fp8_scales = None
-    if quantization == "fp8":
+    quantizer = None
+    if quantization is not None:
         from dataclasses import replace
 
         from llmserve.quantization.calibrate import CalibrationConfig, input_amax
-        from llmserve.quantization.fp8 import fp8_scales as compute_fp8_scales
 
         amax = input_amax(src_dir, calibration or CalibrationConfig(), progress=progress)
-        fp8_scales = compute_fp8_scales(source.get, config, amax)
         config = replace(config, quant_algo=QUANTIZATIONS[quantization])
+        if quantization == "fp8":
+            from llmserve.quantization.fp8 import Fp8Quantizer
+
+            quantizer = Fp8Quantizer(source.get, config, amax)
+        else:
+            from llmserve.quantization.int8_sq import SmoothQuantizer
+
+            quantizer = SmoothQuantizer(config, amax, smoothquant_alpha, DTYPES[dtype])
     # The bars are context managers so that Ctrl-C closes them (ending their line) before the CLI
     # prints "interrupted"; an iterator bar would only close when garbage collected.
     with staged_dir(out) as staging, tqdm(total=mapping.world_size, desc="ranks", disable=not progress) as ranks:
         for rank in range(mapping.world_size):
-            tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype], fp8_scales)
+            tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype], quantizer)
             total = num_rank_tensors(config, mapping, rank)
             with tqdm(total=total, desc=f"rank{rank}", leave=False, disable=not progress) as bar:
                 shard = {}

@@ -73,25 +73,27 @@ def hf_layer_suffixes(attn_bias: bool) -> list[str]:
     return [*LAYER_WEIGHTS, *QKV_HF, *(QKV_BIAS_HF if attn_bias else ())]
 
 
-# FP8 checkpoints: each of these linears' weight is float8_e4m3fn, with two per-tensor float32 scales
-FP8_LINEARS = ("attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "attention.qkv")
-FP8_WEIGHT_SCALE = "weights_scaling_factor"
-FP8_INPUT_SCALE = "activation_scaling_factor"
+# Quantized checkpoints: these linears' weights are quantized, each followed by its scale tensors
+QUANTIZED_LINEARS = ("attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "attention.qkv")
+WEIGHT_SCALE = "weights_scaling_factor"  # dequantizes the weight: per tensor (FP8) or per output channel (SQ)
+INPUT_SCALE = "activation_scaling_factor"  # quantizes the input, per tensor
+PREQUANT_SCALE = "prequant_scaling_factor"  # SmoothQuant: multiplies the input first, per input channel
+QUANT_SCALES = {"FP8": (WEIGHT_SCALE, INPUT_SCALE),
+                "W8A8_SQ_PER_CHANNEL": (WEIGHT_SCALE, INPUT_SCALE, PREQUANT_SCALE)}
 
 
-def fp8_scale_suffixes(linear: str) -> tuple[str, str]:
-    """The weight and activation scale suffixes of one FP8 linear (e.g. `attention.qkv`)."""
-    return f"{linear}.{FP8_WEIGHT_SCALE}", f"{linear}.{FP8_INPUT_SCALE}"
+def quant_scale_suffixes(linear: str, quant_algo: str | None) -> tuple[str, ...]:
+    """The scale tensor suffixes of one quantized linear (e.g. `attention.qkv`), in the converter's order."""
+    if linear not in QUANTIZED_LINEARS:
+        return ()
+    return tuple(f"{linear}.{scale}" for scale in QUANT_SCALES.get(quant_algo, ()))
 
 
 def trt_layer_suffixes(attn_bias: bool, quant_algo: str | None = None) -> list[str]:
     """The TensorRT-LLM per-layer tensor suffixes of one rank, in the order the converter writes them."""
     suffixes = []
     for trt, _ in [*LAYER_WEIGHTS.values(), (QKV_TRT, None)]:
-        suffixes.append(trt)
-        linear = trt.removesuffix(".weight")
-        if quant_algo == "FP8" and linear in FP8_LINEARS:
-            suffixes.extend(fp8_scale_suffixes(linear))
+        suffixes += [trt, *quant_scale_suffixes(trt.removesuffix(".weight"), quant_algo)]
     return suffixes + ([QKV_BIAS_TRT] if attn_bias else [])
 
 

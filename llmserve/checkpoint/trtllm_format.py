@@ -88,24 +88,36 @@ class TrtllmCheckpoint:
                 for trt_suffix, split in names.LAYER_WEIGHTS.values():
                     parts = [get(names.trt_layer(local, trt_suffix)) for get in gets]
                     yield names.trt_layer(layer, trt_suffix), MERGERS[split](parts)
-                    yield from self._fp8_scales(gets[0], local, layer, trt_suffix)
+                    yield from self._scales(gets, local, layer, trt_suffix)
                 qkv_suffixes = [names.QKV_TRT, *((names.QKV_BIAS_TRT,) if config.attn_bias else ())]
                 for suffix in qkv_suffixes:
                     parts = [get(names.trt_layer(local, suffix)) for get in gets]
                     yield names.trt_layer(layer, suffix), merge_qkv(parts, config)
-                    yield from self._fp8_scales(gets[0], local, layer, suffix)
+                    yield from self._scales(gets, local, layer, suffix)
         last = stage(mapping.pp_size - 1)
         yield names.TRT_FINAL_NORM, last[0](names.TRT_FINAL_NORM)
         yield names.TRT_LM_HEAD, merge_lm_head([get(names.TRT_LM_HEAD) for get in last], config.vocab_size)
 
 
-    def _fp8_scales(self, get: Callable[[str], torch.Tensor], local: int, layer: int,
-                    trt_suffix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """An FP8 linear's two per-tensor scales (the same on every tensor-parallel rank)."""
+    def _scales(self, gets: list[Callable[[str], torch.Tensor]], local: int, layer: int,
+                trt_suffix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """A quantized linear's scales merged over the tensor ranks: per-tensor ones are the same on every
+        rank; per-channel ones are split with the dimension they scale (see `merge_scale`)."""
         linear = trt_suffix.removesuffix(".weight")
-        if self.config.quant_algo == "FP8" and linear in names.FP8_LINEARS:
-            for suffix in names.fp8_scale_suffixes(linear):
-                yield names.trt_layer(layer, suffix), get(names.trt_layer(local, suffix))
+        for suffix in names.quant_scale_suffixes(linear, self.config.quant_algo):
+            parts = [get(names.trt_layer(local, suffix)) for get in gets]
+            yield names.trt_layer(layer, suffix), merge_scale(parts, linear, suffix, self.config)
+
+
+def merge_scale(parts: list[torch.Tensor], linear: str, suffix: str, config: ModelConfig) -> torch.Tensor:
+    """Inverse of the converter's split of one scale tensor: a per-output-channel weight scale of a column
+    layer and a per-input-channel prequant scale of a row layer are split; anything else is replicated."""
+    column = linear in ("attention.qkv", "mlp.fc", "mlp.gate")
+    if suffix.endswith(names.WEIGHT_SCALE) and column and parts[0].numel() > 1:
+        return merge_qkv(parts, config) if linear == "attention.qkv" else torch.cat(parts)
+    if suffix.endswith(names.PREQUANT_SCALE) and not column:
+        return torch.cat(parts)
+    return parts[0]
 
 
 def merge_qkv(parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:

@@ -49,6 +49,10 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
         from llmserve.quantization.fp8 import use_fp8_linears
 
         use_fp8_linears(model)
+    elif config.quant_algo == "W8A8_SQ_PER_CHANNEL":
+        from llmserve.quantization.int8_sq import use_int8_sq_linears
+
+        use_int8_sq_linears(model)
     return model.eval()
 
 
@@ -58,6 +62,10 @@ def load_tensors(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Ten
         from llmserve.quantization.fp8 import native_fp8_tensors
 
         tensors = native_fp8_tensors(tensors)
+    elif model.config.quant_algo == "W8A8_SQ_PER_CHANNEL":
+        from llmserve.quantization.int8_sq import native_int8_sq_tensors
+
+        tensors = native_int8_sq_tensors(tensors)
     model.load_weights(tensors)
 
 

@@ -19,6 +19,24 @@ from llmserve.ops.fp8_linear import fp8_scale
 Scales = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear (global TRT name) -> (weight scale, input scale)
 
 
+class Fp8Quantizer:
+    """The converter's FP8 linears: each rank's slice of a weight quantized with the whole weight's scale."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor], config: ModelConfig, input_amax: dict[str, torch.Tensor]):
+        self.config = config
+        self.scales = fp8_scales(get, config, input_amax)
+
+    def rank_linear(self, get, layer: int, local: int, linear: str, mapping, rank: int):
+        from llmserve.checkpoint.convert import rank_slice
+        from llmserve.ops.fp8_linear import quantize_fp8
+
+        weight = rank_slice(get, self.config, layer, linear, mapping.tp_size, mapping.tp_rank(rank))
+        weight_scale, input_scale = self.scales[names.trt_layer(layer, linear)]
+        yield names.trt_layer(local, f"{linear}.weight"), quantize_fp8(weight, weight_scale).contiguous()
+        for suffix, scale in zip(names.quant_scale_suffixes(linear, "FP8"), (weight_scale, input_scale)):
+            yield names.trt_layer(local, suffix), scale.clone()
+
+
 def fp8_scales(get: Callable[[str], torch.Tensor], config: ModelConfig, input_amax: dict[str, torch.Tensor]) -> Scales:
     """(weight scale, input scale), each [1] float32, of every FP8 linear, keyed `transformer.layers.{i}.mlp.fc`."""
     scales: Scales = {}
@@ -43,7 +61,7 @@ def fp8_scales(get: Callable[[str], torch.Tensor], config: ModelConfig, input_am
 
 # ---- loading into the native model ---------------------------------------------------------
 NATIVE_LINEARS = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.proj")  # mlp.gate_up = fc + gate
-_NATIVE_SCALE = {names.FP8_WEIGHT_SCALE: "weight_scale", names.FP8_INPUT_SCALE: "input_scale"}
+_NATIVE_SCALE = {names.WEIGHT_SCALE: "weight_scale", names.INPUT_SCALE: "input_scale"}
 
 
 def use_fp8_linears(model: torch.nn.Module) -> None:
@@ -78,14 +96,14 @@ def native_fp8_tensors(tensors):
 
 
 def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor], quantize_fp8):
-    scales = [parts[f"{m}.{names.FP8_WEIGHT_SCALE}"].float().reshape(1) for m in ("fc", "gate")]
+    scales = [parts[f"{m}.{names.WEIGHT_SCALE}"].float().reshape(1) for m in ("fc", "gate")]
     weight_scale = torch.maximum(*scales)
     weights = []
     for module, scale in zip(("fc", "gate"), scales):
         weight = parts[f"{module}.weight"]
         # a checkpoint from elsewhere may scale the two apart: requantize onto the larger scale
         weights.append(weight if torch.equal(scale, weight_scale) else quantize_fp8(weight.float() * scale, weight_scale))
-    input_scale = torch.maximum(*(parts[f"{m}.{names.FP8_INPUT_SCALE}"].float().reshape(1) for m in ("fc", "gate")))
+    input_scale = torch.maximum(*(parts[f"{m}.{names.INPUT_SCALE}"].float().reshape(1) for m in ("fc", "gate")))
     yield f"{mlp}.gate_up.weight", torch.cat(weights, dim=0)
     yield f"{mlp}.gate_up.weight_scale", weight_scale
     yield f"{mlp}.gate_up.input_scale", input_scale
