@@ -333,15 +333,22 @@ def test_smoothing_beats_plain_w8a8_on_outlier_channels():
     assert errors[0.5] < 0.5 * errors[0.0], errors
 
 
+def _random_int8_linear(in_features: int, out_features: int, input_scale: float, generator: torch.Generator):
+    from llmserve.ops.int8_sq_linear import Int8SqLinear
+
+    linear = Int8SqLinear(in_features, out_features)
+    linear.weight.copy_(torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8))
+    linear.weight_scale.copy_(torch.rand(out_features, generator=generator) * 0.01)
+    linear.input_scale.fill_(input_scale)
+    linear.prequant_scale.copy_(torch.rand(in_features, generator=generator) + 0.5)
+    return linear
+
+
 def test_int8_linear_is_the_exact_integer_product():
-    from llmserve.ops.int8_sq_linear import Int8SqLinear, quantize_int8
+    from llmserve.ops.int8_sq_linear import quantize_int8
 
     generator = torch.Generator().manual_seed(5)
-    linear = Int8SqLinear(32, 16)
-    linear.weight.copy_(torch.randint(-127, 128, (16, 32), generator=generator, dtype=torch.int8))
-    linear.weight_scale.copy_(torch.rand(16, generator=generator) * 0.01)
-    linear.input_scale.fill_(0.02)
-    linear.prequant_scale.copy_(torch.rand(32, generator=generator) + 0.5)
+    linear = _random_int8_linear(32, 16, 0.02, generator)
     x = torch.randn(3, 32, generator=generator)
     x_int = quantize_int8(x * linear.prequant_scale, linear.input_scale).long()
     want = (x_int @ linear.weight.long().t()).double() * (0.02 * linear.weight_scale.double())
@@ -358,14 +365,10 @@ def test_smoothquant_alpha_out_of_range_is_refused(source, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel, torch._int_mm)")
 @pytest.mark.parametrize("rows", [1, 16, 300])
 def test_int8_linear_on_cuda_matches_the_cpu_path(rows):
-    from llmserve.ops.int8_sq_linear import Int8SqLinear, smooth_quantize_input
+    from llmserve.ops.int8_sq_linear import smooth_quantize_input
 
     generator = torch.Generator().manual_seed(6)
-    linear = Int8SqLinear(256, 512)
-    linear.weight.copy_(torch.randint(-127, 128, (512, 256), generator=generator, dtype=torch.int8))
-    linear.weight_scale.copy_(torch.rand(512, generator=generator) * 0.01)
-    linear.input_scale.fill_(0.03)
-    linear.prequant_scale.copy_(torch.rand(256, generator=generator) + 0.5)
+    linear = _random_int8_linear(256, 512, 0.03, generator)
     x = torch.randn(rows, 256, generator=generator).bfloat16()
     quantized = smooth_quantize_input(x.float(), linear.prequant_scale, linear.input_scale)
     on_gpu = smooth_quantize_input(x.cuda().float().contiguous(), linear.prequant_scale.cuda(), linear.input_scale.cuda())

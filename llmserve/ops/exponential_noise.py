@@ -15,17 +15,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # CPU-only installs: the torch twin runs
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
+from llmserve.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 MASK64 = (1 << 64) - 1

@@ -15,16 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # CPU-only installs: the torch path only
-    triton = tl = None
-
-    def _jit(fn=None, **_options):
-        return fn if fn is not None else (lambda f: f)
+from llmserve.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn

@@ -13,17 +13,7 @@ import torch.nn.functional as F
 
 from llmserve.ops import cpu_kernels
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # CPU-only installs: only the torch twins run
-    triton = tl = None
-
-    def _jit(fn=None, **_options):
-        return fn if fn is not None else (lambda f: f)
-
+from llmserve.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton is not None

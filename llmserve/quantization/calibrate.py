@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from llmserve.bench.sharegpt import first_exchange
 from llmserve.evaluate.perplexity import MIN_TOKENS, is_heldout
+from llmserve.quantization.native import NATIVE_LINEARS
 
-# the native model's fused linears whose inputs are calibrated (TensorRT-LLM names, `mlp.gate_up` = fc + gate)
-CALIBRATED_LINEARS = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.proj")
 BATCH = 8  # samples per engine call (the progress bar's step)
 
 
@@ -87,7 +86,7 @@ def recording_input_amax(model: torch.nn.Module):
         return hook
 
     hooks = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
-             if name.endswith(CALIBRATED_LINEARS)]
+             if name.endswith(NATIVE_LINEARS)]
     try:
         yield amax
     finally:

@@ -60,42 +60,26 @@ def fp8_scales(get: Callable[[str], torch.Tensor], config: ModelConfig, input_am
 
 
 # ---- loading into the native model ---------------------------------------------------------
-NATIVE_LINEARS = ("attention.qkv", "attention.dense", "mlp.gate_up", "mlp.proj")  # mlp.gate_up = fc + gate
-_NATIVE_SCALE = {names.WEIGHT_SCALE: "weight_scale", names.INPUT_SCALE: "input_scale"}
-
-
 def use_fp8_linears(model: torch.nn.Module) -> None:
     """Replace each decoder layer's linears by FP8 ones of the same (per-rank) shape, on the same device."""
     from llmserve.ops.fp8_linear import Fp8Linear
+    from llmserve.quantization.native import replace_linears
 
-    for layer in model.transformer.layers:
-        for path in NATIVE_LINEARS:
-            parent_name, child = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear = getattr(parent, child)
-            setattr(parent, child, Fp8Linear(linear.in_features, linear.out_features, device=linear.weight.device))
+    replace_linears(model, lambda i, path, linear: Fp8Linear(linear.in_features, linear.out_features,
+                                                             device=linear.weight.device))
 
 
 def native_fp8_tensors(tensors):
-    """A checkpoint's FP8 tensors under the native modules' names: scales renamed (`weight_scale`,
-    `input_scale`), and `mlp.fc` + `mlp.gate` fused into `mlp.gate_up` on one weight scale."""
+    """A checkpoint's FP8 tensors under the native modules' names (`mlp.fc` + `mlp.gate` fused into
+    `mlp.gate_up` on one weight scale)."""
+    from llmserve.quantization.native import native_tensors
+
+    return native_tensors(tensors, "FP8", _fused_gate_up)
+
+
+def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor]):
     from llmserve.ops.fp8_linear import quantize_fp8
 
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # layer prefix -> its fc/gate tensors so far
-    for name, tensor in tensors:
-        prefix, _, leaf = name.rpartition(".")
-        module_prefix, _, module = prefix.rpartition(".")
-        if module in ("fc", "gate") and module_prefix.endswith(".mlp"):
-            parts = pending.setdefault(module_prefix, {})
-            parts[f"{module}.{leaf}"] = tensor
-            if len(parts) == 6:  # both weights and their two scales each
-                yield from _fused_gate_up(module_prefix, pending.pop(module_prefix), quantize_fp8)
-            continue
-        yield (f"{prefix}.{_NATIVE_SCALE[leaf]}", tensor) if leaf in _NATIVE_SCALE else (name, tensor)
-    assert not pending, f"FP8 gate/up tensors incomplete for {sorted(pending)}"
-
-
-def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor], quantize_fp8):
     scales = [parts[f"{m}.{names.WEIGHT_SCALE}"].float().reshape(1) for m in ("fc", "gate")]
     weight_scale = torch.maximum(*scales)
     weights = []
@@ -114,14 +98,12 @@ def quantize_native_fp8(model: torch.nn.Module, input_amax: dict[str, torch.Tens
     """Turn a loaded (unquantized) native model's decoder linears into FP8 ones in place: weight scales
     from the weights, input scales from `input_amax` (`calibrate.recording_input_amax`)."""
     from llmserve.ops.fp8_linear import Fp8Linear, fp8_scale, quantize_fp8
+    from llmserve.quantization.native import replace_linears
 
-    for i, layer in enumerate(model.transformer.layers):
-        for path in NATIVE_LINEARS:
-            parent_name, child = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear = getattr(parent, child)
-            fp8 = Fp8Linear(linear.in_features, linear.out_features, device=linear.weight.device)
-            fp8.weight_scale.copy_(fp8_scale(linear.weight.abs().max().float()))
-            fp8.weight.copy_(quantize_fp8(linear.weight, fp8.weight_scale))
-            fp8.input_scale.copy_(fp8_scale(input_amax[f"transformer.layers.{i}.{path}"].max()))
-            setattr(parent, child, fp8)
+    def make(i: int, path: str, linear: torch.nn.Module) -> Fp8Linear:
+        fp8 = Fp8Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+        fp8.weight_scale.copy_(fp8_scale(linear.weight.abs().max().float()))
+        fp8.weight.copy_(quantize_fp8(linear.weight, fp8.weight_scale))
+        fp8.input_scale.copy_(fp8_scale(input_amax[f"transformer.layers.{i}.{path}"].max()))
+        return fp8
+    replace_linears(model, make)

@@ -21,10 +21,6 @@ from llmserve.checkpoint.model_config import ModelConfig
 from llmserve.ops.int8_sq_linear import INT8_MAX, quantize_int8
 
 ALGO = "W8A8_SQ_PER_CHANNEL"
-# native fused linear -> the TRT linears it holds (rows in this order)
-GROUPS = {"attention.qkv": ("attention.qkv",), "attention.dense": ("attention.dense",),
-          "mlp.gate_up": ("mlp.fc", "mlp.gate"), "mlp.proj": ("mlp.proj",)}
-GROUP_OF = {linear: group for group, linears in GROUPS.items() for linear in linears}
 
 
 def smooth_quantize(weight: torch.Tensor, input_amax: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
@@ -96,38 +92,22 @@ class SmoothQuantizer:
 
 
 # ---- loading into the native model ---------------------------------------------------------
-_NATIVE_SCALE = {names.WEIGHT_SCALE: "weight_scale", names.INPUT_SCALE: "input_scale",
-                 names.PREQUANT_SCALE: "prequant_scale"}
-
-
 def use_int8_sq_linears(model: torch.nn.Module) -> None:
     """Replace each decoder layer's linears by W8A8 SmoothQuant ones of the same (per-rank) shape."""
     from llmserve.ops.int8_sq_linear import Int8SqLinear
+    from llmserve.quantization.native import replace_linears
 
-    for layer in model.transformer.layers:
-        for path in GROUPS:
-            parent_name, child = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear = getattr(parent, child)
-            setattr(parent, child, Int8SqLinear(linear.in_features, linear.out_features, device=linear.weight.device))
+    replace_linears(model, lambda i, path, linear: Int8SqLinear(linear.in_features, linear.out_features,
+                                                                device=linear.weight.device))
 
 
 def native_int8_sq_tensors(tensors):
-    """A checkpoint's SmoothQuant tensors under the native modules' names: scales renamed, and `mlp.fc` +
-    `mlp.gate` fused into `mlp.gate_up` (per-channel weight scales concatenate; they must share the
-    prequant scales, as they share their input)."""
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors:
-        prefix, _, leaf = name.rpartition(".")
-        module_prefix, _, module = prefix.rpartition(".")
-        if module in ("fc", "gate") and module_prefix.endswith(".mlp"):
-            parts = pending.setdefault(module_prefix, {})
-            parts[f"{module}.{leaf}"] = tensor
-            if len(parts) == 8:  # both weights and their three scales each
-                yield from _fused_gate_up(module_prefix, pending.pop(module_prefix))
-            continue
-        yield (f"{prefix}.{_NATIVE_SCALE[leaf]}", tensor) if leaf in _NATIVE_SCALE else (name, tensor)
-    assert not pending, f"SmoothQuant gate/up tensors incomplete for {sorted(pending)}"
+    """A checkpoint's SmoothQuant tensors under the native modules' names: `mlp.fc` + `mlp.gate` fused into
+    `mlp.gate_up` (per-channel weight scales concatenate; they must share the prequant scales, as they
+    share their input)."""
+    from llmserve.quantization.native import native_tensors
+
+    return native_tensors(tensors, ALGO, _fused_gate_up)
 
 
 def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor]):
@@ -147,17 +127,15 @@ def quantize_native_int8_sq(model: torch.nn.Module, input_amax: dict[str, torch.
     """Turn a loaded (unquantized) native model's decoder linears into SmoothQuant ones in place, from
     their weights and `input_amax` (`calibrate.recording_input_amax`)."""
     from llmserve.ops.int8_sq_linear import Int8SqLinear
+    from llmserve.quantization.native import replace_linears
 
-    for i, layer in enumerate(model.transformer.layers):
-        for path in GROUPS:
-            parent_name, child = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear = getattr(parent, child)
-            quantized = smooth_quantize(linear.weight, input_amax[f"transformer.layers.{i}.{path}"].to(linear.weight.device),
-                                        alpha)
-            sq = Int8SqLinear(linear.in_features, linear.out_features, device=linear.weight.device)
-            sq.weight.copy_(quantized["weight"])
-            sq.weight_scale.copy_(quantized[names.WEIGHT_SCALE])
-            sq.input_scale.copy_(quantized[names.INPUT_SCALE])
-            sq.prequant_scale.copy_(quantized[names.PREQUANT_SCALE])
-            setattr(parent, child, sq)
+    def make(i: int, path: str, linear: torch.nn.Module) -> Int8SqLinear:
+        amax = input_amax[f"transformer.layers.{i}.{path}"].to(linear.weight.device)
+        quantized = smooth_quantize(linear.weight, amax, alpha)
+        sq = Int8SqLinear(linear.in_features, linear.out_features, device=linear.weight.device)
+        sq.weight.copy_(quantized["weight"])
+        sq.weight_scale.copy_(quantized[names.WEIGHT_SCALE])
+        sq.input_scale.copy_(quantized[names.INPUT_SCALE])
+        sq.prequant_scale.copy_(quantized[names.PREQUANT_SCALE])
+        return sq
+    replace_linears(model, make)
