@@ -55,3 +55,31 @@ def test_the_engines_perplexity_is_hfs(checkpoint, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["num_texts"] == len(texts) and result["num_tokens"] == count
     assert math.isclose(result["perplexity"], math.exp(nll / count), rel_tol=1e-4)
+
+
+def test_first_divergence_finds_where_two_models_part():
+    from llmserve.evaluate.perplexity import first_divergence
+    from llmserve.llm import LLM
+    from tests.conftest import make_engine, make_hf_llama
+
+    prompts = [[5, 17, 42, 99, 3], [8, 8, 120, 7], [200, 1, 64, 33, 90, 11]]
+    same = make_hf_llama(seed=0)
+    with LLM(engine=make_engine(same)) as a, LLM(engine=make_engine(same)) as b, \
+            LLM(engine=make_engine(make_hf_llama(seed=1))) as other:
+        alike = first_divergence(a, b, prompts, max_tokens=12)
+        apart = first_divergence(a, other, prompts, max_tokens=12)
+    assert alike["identical"] == 1.0 and alike["median_first_divergence"] == 12
+    assert apart["identical"] < 1.0 and apart["mean_first_divergence"] < 12
+
+
+def test_divergence_prompts_are_held_out_chat_prompts(tokenizer):
+    from llmserve.evaluate.perplexity import heldout_prompts
+
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Tell me about river number {i}."},
+                                                 {"from": "gpt", "value": "A river."}]} for i in range(40)]
+    prompts = heldout_prompts(records, tokenizer, num_prompts=100, max_len=512)
+    held_out = [r for r in records if is_heldout(r)]
+    assert len(prompts) == len(held_out) > 0
+    for ids, record in zip(prompts, held_out):
+        text = tokenizer.decode(ids)
+        assert record["conversations"][0]["value"] in text and text.rstrip().endswith("assistant")

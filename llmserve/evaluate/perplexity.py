@@ -48,3 +48,36 @@ def perplexity(llm, texts: list[list[int]]) -> dict:
         num_tokens += len(scored)
     return {"perplexity": math.exp(nll / num_tokens), "nll_per_token": nll / num_tokens,
             "num_tokens": num_tokens, "num_texts": len(texts)}
+
+
+def heldout_prompts(conversations: list[dict], tokenizer, num_prompts: int, max_len: int) -> list[list[int]]:
+    """Token ids of the first `num_prompts` held-out first human turns, as chat prompts (cut to max_len)."""
+    prompts = []
+    for record in conversations:
+        exchange = first_exchange(record) if is_heldout(record) else None
+        if exchange is None:
+            continue
+        text = tokenizer.apply_chat_template([{"role": "user", "content": exchange[0]}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if MIN_TOKENS <= len(ids) <= max_len:
+            prompts.append(ids)
+        if len(prompts) == num_prompts:
+            break
+    return prompts
+
+
+def first_divergence(llm, reference, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Greedy continuations of both models, token by token: where they first differ (max_tokens when they
+    never do), and the fraction of prompts whose continuations are identical."""
+    if not prompts:
+        raise ValueError("no held-out prompt to compare the models on")
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ours = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    theirs = [r.outputs[0].token_ids for r in reference.generate(prompts, params)]
+    positions = sorted(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), max_tokens)
+                       for x, y in zip(ours, theirs))
+    return {"prompts": len(prompts), "max_tokens": max_tokens,
+            "identical": sum(p == max_tokens for p in positions) / len(positions),
+            "median_first_divergence": positions[len(positions) // 2],
+            "mean_first_divergence": sum(positions) / len(positions)}
