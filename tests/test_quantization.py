@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from llmserve.checkpoint.architectures import UnsupportedModelError, check_trtllm_config
-from llmserve.checkpoint.convert import convert_checkpoint
 from llmserve.ops.fp8_linear import FP8_DTYPE, FP8_MAX, Fp8Linear, fp8_gemm_supported, fp8_scale, quantize_fp8
 from llmserve.quantization.calibrate import CalibrationConfig, calibration_texts
+from llmserve.quantization.schemes import convert_quantized
 from tests.conftest import make_hf_llama, prefill_hidden
 
 TEXTS = [
@@ -48,9 +48,9 @@ def quantized_dirs(source, tmp_path_factory):
 
     def get(quantization: str) -> dict[int, object]:
         if quantization not in cache:
-            cache[quantization] = {tp: convert_checkpoint(path, tmp_path_factory.mktemp(f"{quantization}-tp{tp}"),
-                                                          tp_size=tp, quantization=quantization,
-                                                          calibration=calibration, progress=False) for tp in (1, 2)}
+            cache[quantization] = {tp: convert_quantized(path, tmp_path_factory.mktemp(f"{quantization}-tp{tp}"),
+                                                         quantization, calibration=calibration, tp_size=tp,
+                                                         progress=False) for tp in (1, 2)}
         return cache[quantization]
     return get
 
@@ -221,7 +221,7 @@ def test_a_bad_calibration_file_names_its_line(tmp_path, tokenizer):
 def test_unknown_quantization_is_refused_before_writing(source, tmp_path):
     _, path, _ = source
     with pytest.raises(ValueError, match="quantization must be one of"):
-        convert_checkpoint(path, tmp_path / "out", quantization="int4", progress=False)
+        convert_quantized(path, tmp_path / "out", "int4", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -358,8 +358,9 @@ def test_int8_linear_is_the_exact_integer_product():
 def test_smoothquant_alpha_out_of_range_is_refused(source, tmp_path):
     _, path, calibration = source
     with pytest.raises(ValueError, match="smoothquant-alpha"):
-        convert_checkpoint(path, tmp_path / "out", quantization="int8-sq", calibration=calibration,
-                           smoothquant_alpha=1.5, progress=False)
+        convert_quantized(path, tmp_path / "out", "int8-sq", calibration=calibration, smoothquant_alpha=1.5,
+                          progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel, torch._int_mm)")

@@ -11,15 +11,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from llmserve.checkpoint.convert import convert_checkpoint
     from llmserve.checkpoint.pull import resolve_model
 
-    calibration = None
+    quantizer_for = None
     if args.quantization is not None:
         from llmserve.quantization.calibrate import CalibrationConfig
+        from llmserve.quantization.schemes import quantizer_factory
 
         calibration = CalibrationConfig(args.calib_dataset, args.calib_size, args.calib_seq_len, args.calib_device)
+        quantizer_for = quantizer_factory(args.quantization, calibration, args.smoothquant_alpha)
     source = resolve_model(args.model, progress=_say)
     print(convert_checkpoint(source, args.out, tp_size=args.tp, pp_size=args.pp, dtype=args.dtype,
-                             quantization=args.quantization, calibration=calibration,
-                             smoothquant_alpha=args.smoothquant_alpha))
+                             quantizer_for=quantizer_for))
     return 0
 
 

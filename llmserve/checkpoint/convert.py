@@ -238,19 +238,15 @@ def quantization_config(quant_algo: str | None) -> dict:
     return {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
 
 
-QUANTIZATIONS = {"fp8": "FP8", "int8-sq": "W8A8_SQ_PER_CHANNEL"}  # --quantization -> TensorRT-LLM quant_algo
-
-
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
-                       dtype: str | None = None, progress: bool = True, quantization: str | None = None,
-                       calibration=None, smoothquant_alpha: float = 0.5) -> Path:
+                       dtype: str | None = None, progress: bool = True, quantizer_for=None) -> Path:
     """Write the TensorRT-LLM checkpoint of the HF LLaMA at `src_dir` into `out_dir`, one rank at a time.
 
     The files go to a temporary folder beside `out_dir`, renamed onto it when complete: an interrupted
     conversion leaves nothing, and a previous conversion in `out_dir` is replaced whole. Any other
-    non-empty `out_dir` is refused. `quantization` ("fp8", "int8-sq"): the model first runs over
-    calibration samples (`calibration`, a quantization.calibrate.CalibrationConfig; default: 128
-    ShareGPT samples); `smoothquant_alpha` is SmoothQuant's migration strength (0: no smoothing).
+    non-empty `out_dir` is refused. `quantizer_for(src_dir, source, config, dtype)` (from
+    `llmserve.quantization.schemes`), called once everything is checked, returns the quantizer that
+    writes the decoder's linears (it may calibrate first); its `quant_algo` goes into the config.
     """
     _refuse_converted_source(src_dir)
     source = HFCheckpoint(src_dir)
@@ -258,32 +254,16 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
-    if quantization is not None and config.attn_bias:
+    if quantizer_for is not None and config.attn_bias:
         raise ValueError(f"{config.architecture} with q/k/v biases cannot be quantized yet")
-    if not 0.0 <= smoothquant_alpha <= 1.0:
-        raise ValueError(f"--smoothquant-alpha must be in [0, 1], got {smoothquant_alpha}")
     validate_mapping(config, mapping)
     out = _check_out_dir(src_dir, out_dir)
     quantizer = None
-    if quantization is not None:
+    if quantizer_for is not None:
         from dataclasses import replace
 
-        from llmserve.quantization.calibrate import CalibrationConfig, input_amax
-
-        amax = input_amax(src_dir, calibration or CalibrationConfig(), progress=progress)
-        config = replace(config, quant_algo=QUANTIZATIONS[quantization])
-        if quantization == "fp8":
-            from llmserve.quantization.fp8 import Fp8Quantizer
-
-            quantizer = Fp8Quantizer(source.get, config, amax)
-        else:
-            from llmserve.quantization.int8_sq import SmoothQuantizer
-
-            quantizer = SmoothQuantizer(config, amax, smoothquant_alpha, DTYPES[dtype])
-    # The bars are context managers so that Ctrl-C closes them (ending their line) before the CLI
-    # prints "interrupted"; an iterator bar would only close when garbage collected.
+        quantizer = quantizer_for(src_dir, source, config, DTYPES[dtype])
+        config = replace(config, quant_algo=quantizer.quant_algo)
     with staged_dir(out) as staging, tqdm(total=mapping.world_size, desc="ranks", disable=not progress) as ranks:
         for rank in range(mapping.world_size):
             tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype], quantizer)

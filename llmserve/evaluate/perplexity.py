@@ -25,17 +25,26 @@ def is_heldout(record: dict) -> bool:
 
 def heldout_texts(conversations: list[dict], tokenizer, num_texts: int, max_len: int) -> list[list[int]]:
     """Token ids of the first `num_texts` held-out exchanges of at least MIN_TOKENS tokens, cut to max_len."""
-    texts = []
+    texts = (tokenizer.encode("\n\n".join(exchange))[:max_len] for exchange in _heldout_exchanges(conversations))
+    return _first(texts, num_texts, lambda ids: len(ids) >= MIN_TOKENS)
+
+
+def _heldout_exchanges(conversations: list[dict]):
     for record in conversations:
         exchange = first_exchange(record) if is_heldout(record) else None
-        if exchange is None:
-            continue
-        ids = tokenizer.encode("\n\n".join(exchange))[:max_len]
-        if len(ids) >= MIN_TOKENS:
-            texts.append(ids)
-        if len(texts) == num_texts:
-            break
-    return texts
+        if exchange is not None:
+            yield exchange
+
+
+def _first(items, count: int, keep) -> list:
+    """The first `count` of `items` that `keep` accepts (consumes no more than needed)."""
+    kept = []
+    for item in items:
+        if keep(item):
+            kept.append(item)
+            if len(kept) == count:
+                break
+    return kept
 
 
 def perplexity(llm, texts: list[list[int]]) -> dict:
@@ -52,19 +61,12 @@ def perplexity(llm, texts: list[list[int]]) -> dict:
 
 def heldout_prompts(conversations: list[dict], tokenizer, num_prompts: int, max_len: int) -> list[list[int]]:
     """Token ids of the first `num_prompts` held-out first human turns, as chat prompts (cut to max_len)."""
-    prompts = []
-    for record in conversations:
-        exchange = first_exchange(record) if is_heldout(record) else None
-        if exchange is None:
-            continue
+    def chat_prompt(exchange: tuple[str, str]) -> list[int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": exchange[0]}], tokenize=False,
                                              add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if MIN_TOKENS <= len(ids) <= max_len:
-            prompts.append(ids)
-        if len(prompts) == num_prompts:
-            break
-    return prompts
+        return tokenizer.encode(text, add_special_tokens=False)
+    prompts = (chat_prompt(exchange) for exchange in _heldout_exchanges(conversations))
+    return _first(prompts, num_prompts, lambda ids: MIN_TOKENS <= len(ids) <= max_len)
 
 
 def first_divergence(llm, reference, prompts: list[list[int]], max_tokens: int) -> dict:

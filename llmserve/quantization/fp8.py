@@ -22,6 +22,8 @@ Scales = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear (global TRT name
 class Fp8Quantizer:
     """The converter's FP8 linears: each rank's slice of a weight quantized with the whole weight's scale."""
 
+    quant_algo = "FP8"
+
     def __init__(self, get: Callable[[str], torch.Tensor], config: ModelConfig, input_amax: dict[str, torch.Tensor]):
         self.config = config
         self.scales = fp8_scales(get, config, input_amax)

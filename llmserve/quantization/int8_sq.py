@@ -44,6 +44,8 @@ class SmoothQuantizer:
     """The converter's W8A8_SQ_PER_CHANNEL linears: whole weights smoothed and quantized (one layer at a
     time, kept while that layer's linears are written), then each rank's slices."""
 
+    quant_algo = ALGO
+
     def __init__(self, config: ModelConfig, input_amax: dict[str, torch.Tensor], alpha: float, dtype: torch.dtype):
         self.config, self.input_amax, self.alpha, self.dtype = config, input_amax, alpha, dtype
         self._layer: int | None = None
