@@ -257,12 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         with sigint:
             return args.func(args) or 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as exc:
         if sigint.received:  # C code (torch's) turned the KeyboardInterrupt into an error of its own
-            print("interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return _interrupted()
         if isinstance(exc, expected_errors()):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
@@ -271,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def _interrupted() -> int:
+    """Say so and exit 130. A Ctrl-C still pending or repeated while the interpreter shuts down is ignored:
+    one CI run saw the process die by SIGINT (status -2) after printing "interrupted"."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
