@@ -105,9 +105,11 @@ def _copy_converted(source: TrtllmCheckpoint, dest: Path, dtype: str) -> Path:
         if config.get("dtype") == dtype:
             link_or_copy(source.rank_path(rank), dest / source.rank_path(rank).name)
             continue
-        # only tensors in the checkpoint's dtype: an FP8 checkpoint's weights and float32 scales stay as they are
+        # only tensors in the checkpoint's dtype: quantized weights and the float32 weight and activation
+        # scales of a quantized checkpoint stay as they are (its prequant scales are in the model dtype)
         stored = DTYPES.get(config.get("dtype"))
-        shard = {name: t.to(DTYPES[dtype]) if t.dtype == stored and not name.endswith("scaling_factor") else t
+        float32_scales = (names.WEIGHT_SCALE, names.INPUT_SCALE)
+        shard = {name: t.to(DTYPES[dtype]) if t.dtype == stored and not name.endswith(float32_scales) else t
                  for name, t in load_file(source.rank_path(rank)).items()}
         save_rank_file(shard, dest / source.rank_path(rank).name)
         del shard  # one rank in memory at a time

@@ -78,6 +78,9 @@ QUANTIZED_LINEARS = ("attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "atten
 WEIGHT_SCALE = "weights_scaling_factor"  # dequantizes the weight: per tensor (FP8) or per output channel (SQ)
 INPUT_SCALE = "activation_scaling_factor"  # quantizes the input, per tensor
 PREQUANT_SCALE = "prequant_scaling_factor"  # SmoothQuant: multiplies the input first, per input channel
+# the linears whose input dimension is split across tensor ranks (the others split their output rows)
+ROW_PARALLEL_LINEARS = frozenset(trt.removesuffix(".weight") for trt, split in LAYER_WEIGHTS.values()
+                                 if split is Split.ROW)
 QUANT_SCALES = {"FP8": (WEIGHT_SCALE, INPUT_SCALE),
                 "W8A8_SQ_PER_CHANNEL": (WEIGHT_SCALE, INPUT_SCALE, PREQUANT_SCALE)}
 

@@ -112,7 +112,7 @@ class TrtllmCheckpoint:
 def merge_scale(parts: list[torch.Tensor], linear: str, suffix: str, config: ModelConfig) -> torch.Tensor:
     """Inverse of the converter's split of one scale tensor: a per-output-channel weight scale of a column
     layer and a per-input-channel prequant scale of a row layer are split; anything else is replicated."""
-    column = linear in ("attention.qkv", "mlp.fc", "mlp.gate")
+    column = linear not in names.ROW_PARALLEL_LINEARS
     if suffix.endswith(names.WEIGHT_SCALE) and column and parts[0].numel() > 1:
         return merge_qkv(parts, config) if linear == "attention.qkv" else torch.cat(parts)
     if suffix.endswith(names.PREQUANT_SCALE) and not column:

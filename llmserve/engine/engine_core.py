@@ -252,15 +252,10 @@ class EngineCore:
         return self._outputs(scheduler.resolve(advanced, result), result)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
-        collected = self._collect_in_flight()
-        return self._resolve(*collected) if collected else []
-
-    def _collect_in_flight(self) -> tuple[AdvancedStep, ModelRunnerOutput] | None:
-        """Wait for the step in flight (if any) and take its result."""
         if self._in_flight is None:
-            return None
+            return []
         (launched, advanced), self._in_flight = self._in_flight, None
-        return advanced, self.runner.collect(launched)
+        return self._resolve(advanced, self.runner.collect(launched))
 
     def _wait_and_accept(self, in_flight: tuple[LaunchedStep, AdvancedStep] | None
                          ) -> tuple[ModelRunnerOutput | None, set[str]]:

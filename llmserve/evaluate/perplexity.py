@@ -25,13 +25,23 @@ def is_heldout(record: dict) -> bool:
 
 def heldout_texts(conversations: list[dict], tokenizer, num_texts: int, max_len: int) -> list[list[int]]:
     """Token ids of the first `num_texts` held-out exchanges of at least MIN_TOKENS tokens, cut to max_len."""
-    texts = (tokenizer.encode("\n\n".join(exchange))[:max_len] for exchange in _heldout_exchanges(conversations))
-    return _first(texts, num_texts, lambda ids: len(ids) >= MIN_TOKENS)
+    return token_samples(exchange_texts(conversations, held_out=True), tokenizer, num_texts, max_len)
 
 
-def _heldout_exchanges(conversations: list[dict]):
+def exchange_texts(conversations: list[dict], held_out: bool):
+    """Each first exchange as "prompt\n\nreply", of the held-out records or of the others (calibration's)."""
+    return ("\n\n".join(exchange) for exchange in _exchanges(conversations, held_out))
+
+
+def token_samples(texts, tokenizer, count: int, max_len: int) -> list[list[int]]:
+    """Token ids of the first `count` of `texts` with at least MIN_TOKENS tokens, each cut to `max_len`."""
+    samples = (tokenizer.encode(text)[:max_len] for text in texts)
+    return _first(samples, count, lambda ids: len(ids) >= MIN_TOKENS)
+
+
+def _exchanges(conversations: list[dict], held_out: bool):
     for record in conversations:
-        exchange = first_exchange(record) if is_heldout(record) else None
+        exchange = first_exchange(record) if is_heldout(record) == held_out else None
         if exchange is not None:
             yield exchange
 
@@ -65,7 +75,7 @@ def heldout_prompts(conversations: list[dict], tokenizer, num_prompts: int, max_
         text = tokenizer.apply_chat_template([{"role": "user", "content": exchange[0]}], tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
-    prompts = (chat_prompt(exchange) for exchange in _heldout_exchanges(conversations))
+    prompts = (chat_prompt(exchange) for exchange in _exchanges(conversations, held_out=True))
     return _first(prompts, num_prompts, lambda ids: MIN_TOKENS <= len(ids) <= max_len)
 
 

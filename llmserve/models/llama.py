@@ -228,7 +228,8 @@ class LlamaForCausalLM(nn.Module):
         must arrive. The embedding arrives whole and each rank keeps its vocabulary rows."""
         params = dict(self.named_parameters())
         # the scales of quantized linears are buffers, loaded like weights
-        params |= {name: buffer for name, buffer in self.named_buffers() if name.endswith(("weight_scale", "input_scale", "prequant_scale"))}
+        params |= {name: buffer for name, buffer in self.named_buffers()
+                   if name.endswith(("weight_scale", "input_scale", "prequant_scale"))}
         missing = set(params)
         local_intermediate = rank_config(self.config, self.parallel).intermediate_size
         for name, tensor in tensors:

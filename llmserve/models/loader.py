@@ -45,27 +45,19 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
         model = LlamaForCausalLM(config, backend, parallel)
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
-    if config.quant_algo == "FP8":
-        from llmserve.quantization.fp8 import use_fp8_linears
+    if config.quant_algo is not None:
+        from llmserve.quantization.native import scheme
 
-        use_fp8_linears(model)
-    elif config.quant_algo == "W8A8_SQ_PER_CHANNEL":
-        from llmserve.quantization.int8_sq import use_int8_sq_linears
-
-        use_int8_sq_linears(model)
+        scheme(config.quant_algo).use_linears(model)
     return model.eval()
 
 
 def load_tensors(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint tensors into `model`, quantized ones under the native modules' names."""
-    if model.config.quant_algo == "FP8":
-        from llmserve.quantization.fp8 import native_fp8_tensors
+    if model.config.quant_algo is not None:
+        from llmserve.quantization.native import scheme
 
-        tensors = native_fp8_tensors(tensors)
-    elif model.config.quant_algo == "W8A8_SQ_PER_CHANNEL":
-        from llmserve.quantization.int8_sq import native_int8_sq_tensors
-
-        tensors = native_int8_sq_tensors(tensors)
+        tensors = scheme(model.config.quant_algo).checkpoint_tensors(tensors)
     model.load_weights(tensors)
 
 

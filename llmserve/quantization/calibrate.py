@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llmserve.bench.sharegpt import first_exchange
-from llmserve.evaluate.perplexity import MIN_TOKENS, is_heldout
+from llmserve.evaluate.perplexity import MIN_TOKENS, exchange_texts, token_samples
 from llmserve.quantization.native import NATIVE_LINEARS
 
 BATCH = 8  # samples per engine call (the progress bar's step)
@@ -42,17 +41,10 @@ def calibration_texts(config: CalibrationConfig, tokenizer) -> list[list[int]]:
     if config.dataset == "sharegpt":
         from llmserve.bench.sharegpt import load_conversations
 
-        texts = ("\n\n".join(exchange) for record in load_conversations()
-                 if not is_heldout(record) and (exchange := first_exchange(record)) is not None)
+        texts = exchange_texts(load_conversations(), held_out=False)
     else:
         texts = _jsonl_texts(Path(config.dataset.removeprefix("jsonl:")))
-    samples = []
-    for text in texts:
-        ids = tokenizer.encode(text)[:config.seq_len]
-        if len(ids) >= MIN_TOKENS:
-            samples.append(ids)
-        if len(samples) == config.size:
-            break
+    samples = token_samples(texts, tokenizer, config.size, config.seq_len)
     if not samples:
         raise ValueError(f"no calibration sample of at least {MIN_TOKENS} tokens in {config.dataset}")
     return samples

@@ -62,7 +62,7 @@ def fp8_scales(get: Callable[[str], torch.Tensor], config: ModelConfig, input_am
 
 
 # ---- loading into the native model ---------------------------------------------------------
-def use_fp8_linears(model: torch.nn.Module) -> None:
+def use_linears(model: torch.nn.Module) -> None:
     """Replace each decoder layer's linears by FP8 ones of the same (per-rank) shape, on the same device."""
     from llmserve.ops.fp8_linear import Fp8Linear
     from llmserve.quantization.native import replace_linears
@@ -71,7 +71,7 @@ def use_fp8_linears(model: torch.nn.Module) -> None:
                                                              device=linear.weight.device))
 
 
-def native_fp8_tensors(tensors):
+def checkpoint_tensors(tensors):
     """A checkpoint's FP8 tensors under the native modules' names (`mlp.fc` + `mlp.gate` fused into
     `mlp.gate_up` on one weight scale)."""
     from llmserve.quantization.native import native_tensors

@@ -61,7 +61,7 @@ class SmoothQuantizer:
             column = lambda t: split_qkv(*t.split([q, k, v]), self.config, tp, tp_rank)  # noqa: E731
         else:
             column = lambda t: split_column(t, tp, tp_rank)  # noqa: E731
-        row_layer = linear in ("attention.dense", "mlp.proj")
+        row_layer = linear in names.ROW_PARALLEL_LINEARS
         weight = split_row(tensors["weight"], tp, tp_rank) if row_layer else column(tensors["weight"])
         yield names.trt_layer(local, f"{linear}.weight"), weight.contiguous()
         scales = {names.WEIGHT_SCALE: tensors[names.WEIGHT_SCALE] if row_layer else column(tensors[names.WEIGHT_SCALE]),
@@ -94,7 +94,7 @@ class SmoothQuantizer:
 
 
 # ---- loading into the native model ---------------------------------------------------------
-def use_int8_sq_linears(model: torch.nn.Module) -> None:
+def use_linears(model: torch.nn.Module) -> None:
     """Replace each decoder layer's linears by W8A8 SmoothQuant ones of the same (per-rank) shape."""
     from llmserve.ops.int8_sq_linear import Int8SqLinear
     from llmserve.quantization.native import replace_linears
@@ -103,7 +103,7 @@ def use_int8_sq_linears(model: torch.nn.Module) -> None:
                                                                 device=linear.weight.device))
 
 
-def native_int8_sq_tensors(tensors):
+def checkpoint_tensors(tensors):
     """A checkpoint's SmoothQuant tensors under the native modules' names: `mlp.fc` + `mlp.gate` fused into
     `mlp.gate_up` (per-channel weight scales concatenate; they must share the prequant scales, as they
     share their input)."""
