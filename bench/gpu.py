@@ -135,12 +135,17 @@ def make_engine(cfg: ModelConfig, max_num_seqs: int, max_num_batched_tokens: int
 
 
 def quantize_in_place(model, cfg: ModelConfig, quantization: str, num_samples: int = 32) -> None:
-    """FP8 or INT8 SmoothQuant (alpha 0.5) linears with input scales calibrated on workload T's first
-    prompts (cut to 512 tokens), run through a small eager engine over the bf16 model, as
-    `llmserve convert --quantization fp8|int8-sq` does."""
+    """FP8, INT8 SmoothQuant (alpha 0.5) or INT4 AWQ (groups of 128) linears with input statistics
+    calibrated on workload T's first prompts (cut to 512 tokens), run through a small eager engine over
+    the bf16 model, as `llmserve convert --quantization ...` does; INT8 weight-only needs no calibration."""
     from llmserve.quantization.calibrate import recording_input_amax
     from llmserve.quantization.fp8 import quantize_native_fp8
     from llmserve.quantization.int8_sq import quantize_native_int8_sq
+    from llmserve.quantization.weight_only import quantize_native_weight_only
+
+    if quantization == "int8-wo":
+        quantize_native_weight_only(model, bits=8)
+        return
 
     config = EngineConfig(model="random", cache=CacheConfig(block_size=16, num_blocks=2048),
                           scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=64, max_model_len=4096),
@@ -153,6 +158,8 @@ def quantize_in_place(model, cfg: ModelConfig, quantization: str, num_samples: i
     torch.cuda.empty_cache()
     if quantization == "fp8":
         quantize_native_fp8(model, amax)
+    elif quantization == "int4-wo":
+        quantize_native_weight_only(model, bits=4, group_size=128, input_amax=amax)
     else:
         quantize_native_int8_sq(model, amax)
     gc.collect()
@@ -436,9 +443,9 @@ def main() -> None:
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: e4m3 KV cache (the roofline then counts 1 byte per K/V element)")
-    parser.add_argument("--quantization", default=None, choices=["fp8", "int8-sq"],
-                        help="the decoder linears in FP8 (per-tensor scales) or INT8 SmoothQuant, calibrated, as such "
-                             "a checkpoint runs")
+    parser.add_argument("--quantization", default=None, choices=["fp8", "int8-sq", "int8-wo", "int4-wo"],
+                        help="the decoder linears in FP8 (per-tensor scales), INT8 SmoothQuant, INT8 weight-only or "
+                             "INT4 AWQ weight-only (groups of 128), calibrated, as such a checkpoint runs")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs), random weights per rank")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     parser.add_argument("--match-tp1", type=int, default=0, metavar="N",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,30 @@ def tokenizer():
     if tokenizer is None:
         pytest.skip("the default model's tokenizer is not materialised")
     return tokenizer
+
+
+# ---- quantization tests ---------------------------------------------------------------------
+CALIBRATION_TEXTS = [
+    "The committee met on Tuesday to discuss the new budget for the city's public libraries.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "She walked along the river, watching the boats drift slowly towards the harbour at dusk.",
+    "To install the package, run pip install and then restart the server before testing.",
+    "The recipe calls for two cups of flour, one egg, a pinch of salt and some warm milk.",
+    "In 1969 the first humans landed on the Moon, an event watched by millions on television.",
+    "Error 404 means the server could not find the page you asked for; check the address.",
+]
+
+
+@pytest.fixture(scope="module")
+def quantization_source(tmp_path_factory, tokenizer):
+    """A tiny random HF LLaMA over the default model's tokenizer, its folder, and a calibration set."""
+    from llmserve.quantization.calibrate import CalibrationConfig
+
+    hf = make_hf_llama(seed=3, vocab_size=len(tokenizer))
+    path = tmp_path_factory.mktemp("fp8-source")
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    calib = path.parent / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": text}) + "\n" for text in CALIBRATION_TEXTS))
+    return hf, path, CalibrationConfig(f"jsonl:{calib}", size=8, seq_len=64, device="cpu")

@@ -12,32 +12,15 @@ from llmserve.checkpoint.architectures import UnsupportedModelError, check_trtll
 from llmserve.ops.fp8_linear import FP8_DTYPE, FP8_MAX, Fp8Linear, fp8_gemm_supported, fp8_scale, quantize_fp8
 from llmserve.quantization.calibrate import CalibrationConfig, calibration_texts
 from llmserve.quantization.schemes import convert_quantized
-from tests.conftest import make_hf_llama, prefill_hidden
+from tests.conftest import CALIBRATION_TEXTS as TEXTS, prefill_hidden
 
-TEXTS = [
-    "The committee met on Tuesday to discuss the new budget for the city's public libraries.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "She walked along the river, watching the boats drift slowly towards the harbour at dusk.",
-    "To install the package, run pip install and then restart the server before testing.",
-    "The recipe calls for two cups of flour, one egg, a pinch of salt and some warm milk.",
-    "In 1969 the first humans landed on the Moon, an event watched by millions on television.",
-    "Error 404 means the server could not find the page you asked for; check the address.",
-]
 LINEARS = {"attention.qkv": "column", "attention.dense": "row", "mlp.fc": "column", "mlp.gate": "column",
            "mlp.proj": "row"}
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, tokenizer):
-    """A tiny random HF LLaMA over the default model's tokenizer, and a calibration file."""
-    hf = make_hf_llama(seed=3, vocab_size=len(tokenizer))
-    path = tmp_path_factory.mktemp("fp8-source")
-    hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    calib = path.parent / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
-    return hf, path, CalibrationConfig(f"jsonl:{calib}", size=8, seq_len=64, device="cpu")
+def source(quantization_source):
+    return quantization_source
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +209,7 @@ def test_unknown_quantization_is_refused_before_writing(source, tmp_path):
 
 
 @pytest.mark.parametrize("quantization, message", [
-    ({"quant_algo": "W8A16"}, "W8A16 are not supported"), ({"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"},
+    ({"quant_algo": "W4A8_AWQ"}, "W4A8_AWQ are not supported"), ({"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"},
                                                           "kv_cache_quant_algo INT8")])
 def test_checkpoints_quantized_otherwise_are_refused(quantization, message):
     with pytest.raises(UnsupportedModelError, match=message):

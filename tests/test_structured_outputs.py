@@ -13,7 +13,7 @@ import torch
 
 from llmserve.grammar.compiler import GrammarCompiler
 from llmserve.sampling_params import SamplingParams, StructuredOutputs
-from llmserve.worker.sampler import apply_token_bitmask
+from llmserve.ops.token_bitmask import apply_token_bitmask
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 24},
@@ -100,39 +100,40 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bitmask_masks_exactly_the_cleared_bits(device):
+def test_bitmask_masks_exactly_the_cleared_bits_of_the_constrained_rows(device):
     generator = torch.Generator().manual_seed(0)
-    vocab = 100  # not a multiple of 32: the last word's high bits lie beyond the vocabulary
-    allowed = torch.rand(3, vocab, generator=generator) < 0.3
-    allowed[2] = True  # an unconstrained row
-    padded = torch.zeros(3, 128, dtype=torch.int64)
+    vocab = 1100  # past one kernel block, and not a multiple of 32: the last word has bits beyond V
+    allowed = torch.rand(4, vocab, generator=generator) < 0.3
+    padded = torch.zeros(4, 1120, dtype=torch.int64)
     padded[:, :vocab] = allowed
-    padded[2] = 1
+    padded[:, vocab:] = 1
     weights = (1 << torch.arange(32, dtype=torch.int64))
-    words = (padded.view(3, 4, 32) * weights).sum(-1)
+    words = (padded.view(4, 35, 32) * weights).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # as signed int32
-    logits = torch.randn(3, vocab, generator=generator).to(device)
-    masked = apply_token_bitmask(logits, words.to(device)).cpu()
-    assert torch.equal(torch.isfinite(masked), allowed)
-    assert torch.equal(masked[allowed], logits.cpu()[allowed])
+    # masks for batch rows 2 and 0, and one for a request not sampled this step (row 4, past the batch)
+    masks = torch.cat([words[[2, 0, 3]], torch.tensor([[2], [0], [4]], dtype=torch.int32)], dim=1)
+    logits = torch.randn(4, vocab, generator=generator).to(device)
+    masked = apply_token_bitmask(logits, masks.to(device)).cpu()
+    want = allowed.clone()
+    want[[1, 3]] = True  # unconstrained rows keep every token
+    assert torch.equal(torch.isfinite(masked), want)
+    assert torch.equal(masked[want], logits.cpu()[want])
+    assert torch.isfinite(logits).all()  # the input is left as it was
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_step_bitmask_lands_on_each_requests_batch_row(device):
-    """The runner spreads the constrained rows (any order, some not sampled this step) over the batch."""
+def test_the_step_bitmask_carries_each_requests_batch_row(device):
+    """The runner tags each constrained row (any order, some not sampled this step) with its batch row."""
     from llmserve.core.scheduler_output import GrammarBitmask
-    from llmserve.worker.model_runner import allowed_words
+    from llmserve.worker.model_runner import grammar_masks
     from llmserve.worker.request_state import RequestState
 
     states = [RequestState(f"r{i}", [1], [], SamplingParams(), [], 0) for i in range(4)]
     rows = torch.arange(3 * 2, dtype=torch.int32).view(3, 2) + 7  # request r2, r0 and one not in the batch
     bitmask = GrammarBitmask(["r2", "r0", "gone"], rows.numpy().tobytes())
-    words = allowed_words(bitmask, states, torch.zeros(4, 60, device=device)).cpu()
-    assert words[2].tolist() == rows[0].tolist() and words[0].tolist() == rows[1].tolist()
-    assert (words[[1, 3]] == -1).all()  # unconstrained rows allow every token
-    in_order = allowed_words(GrammarBitmask(["r0", "r1", "r2", "r3"], torch.zeros(4, 2, dtype=torch.int32).numpy()
-                                            .tobytes()), states, torch.zeros(4, 60, device=device))
-    assert (in_order == 0).all() and in_order.shape == (4, 2)
+    masks = grammar_masks(bitmask, states, torch.zeros(4, 60, device=device))
+    assert masks.device.type == torch.device(device).type
+    assert masks.cpu().tolist() == [[7, 8, 2], [9, 10, 0], [11, 12, 4]]
 
 
 # ---- the engine -------------------------------------------------------------------------

@@ -17,7 +17,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from llmserve.quantization.schemes import quantizer_factory
 
         calibration = CalibrationConfig(args.calib_dataset, args.calib_size, args.calib_seq_len, args.calib_device)
-        quantizer_for = quantizer_factory(args.quantization, calibration, args.smoothquant_alpha)
+        quantizer_for = quantizer_factory(args.quantization, calibration, args.smoothquant_alpha,
+                                          group_size=args.group_size)
     source = resolve_model(args.model, progress=_say)
     print(convert_checkpoint(source, args.out, tp_size=args.tp, pp_size=args.pp, dtype=args.dtype,
                              quantizer_for=quantizer_for))
@@ -84,12 +85,18 @@ def add_subcommands(sub) -> None:
     convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     convert.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                          help="weight dtype (default: the checkpoint's)")
-    convert.add_argument("--quantization", default=None, choices=["fp8", "int8-sq"],
+    convert.add_argument("--quantization", default=None, choices=["fp8", "int8-sq", "int8-wo", "int4-wo"],
                          help="fp8: TensorRT-LLM's FP8 checkpoint (quant_algo FP8: float8_e4m3fn weights with "
                               "per-tensor weight and activation scales); int8-sq: INT8 SmoothQuant (quant_algo "
                               "W8A8_SQ_PER_CHANNEL: int8 weights with per-channel scales, smoothed int8 inputs "
-                              "with a per-tensor scale). The LM head stays in --dtype; both are calibrated by "
-                              "running the model over --calib-dataset")
+                              "with a per-tensor scale); int8-wo: weight-only INT8 (quant_algo W8A16; the weights "
+                              "stay in --dtype, as ModelOpt writes them, and are quantized per channel when loaded "
+                              "or built); int4-wo: weight-only INT4 in groups of --group-size with AWQ scaling "
+                              "(quant_algo W4A16_AWQ). The LM head stays in --dtype; all but int8-wo are calibrated "
+                              "by running the model over --calib-dataset")
+    convert.add_argument("--group-size", type=int, default=128,
+                         help="int4-wo: input channels per scale; must divide the hidden, attention and MLP "
+                              "sizes on each tensor rank (SmolLM2-135M: 64 or 32)")
     convert.add_argument("--smoothquant-alpha", type=float, default=0.5,
                          help="int8-sq: how much of the inputs' range moves into the weights, in [0, 1] "
                               "(0: no smoothing)")

@@ -23,7 +23,7 @@ ARCHITECTURE_OF_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED
 QKV_BIAS_FAMILIES = {"Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # TensorRT-LLM quantization algorithms the native runtime executes (`quantization.quant_algo`)
-SUPPORTED_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL")
+SUPPORTED_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL", "W8A16", "W4A16_AWQ")
 
 
 class UnsupportedModelError(ValueError):
@@ -73,6 +73,11 @@ def check_trtllm_config(trt: dict) -> None:
              f"TensorRT-LLM checkpoints quantized with quant_algo {quant_algo} are not supported (llmserve runs "
              f"{', '.join(SUPPORTED_QUANT_ALGOS)} and unquantized ones)")
     _require(quant_algo is None or not trt.get("attn_bias"), f"quant_algo {quant_algo} with q/k/v biases is not supported")
+    if quant_algo == "W4A16_AWQ":  # ModelOpt's AWQ export: symmetric int4 groups, prequant scales
+        _require(isinstance(quantization.get("group_size"), int) and quantization["group_size"] > 0,
+                 "quant_algo W4A16_AWQ needs a positive integer quantization.group_size")
+        _require(not quantization.get("has_zero_point"), "W4A16_AWQ with zero points is not supported")
+        _require(quantization.get("pre_quant_scale", True), "W4A16_AWQ without pre_quant_scale is not supported")
     kv_algo = quantization.get("kv_cache_quant_algo")
     _require(kv_algo is None, f"kv_cache_quant_algo {kv_algo} is not supported (serve with --kv-cache-dtype instead)")
 

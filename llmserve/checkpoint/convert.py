@@ -220,7 +220,7 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
         "rotary_scaling": config.rope_scaling,
         "tie_word_embeddings": config.tie_word_embeddings,
         "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size},
-        "quantization": quantization_config(config.quant_algo),
+        "quantization": quantization_config(config.quant_algo, config.quant_group_size),
         "mlp_bias": False,
         "attn_bias": config.attn_bias,
         **QWEN_TYPES.get(config.architecture, {}),
@@ -231,11 +231,14 @@ def trtllm_config(config: ModelConfig, mapping: Mapping, dtype: str) -> dict:
     }
 
 
-def quantization_config(quant_algo: str | None) -> dict:
+def quantization_config(quant_algo: str | None, group_size: int | None = None) -> dict:
     """The checkpoint config's `quantization` section (the LM head stays unquantized)."""
     if quant_algo is None:
         return {"quant_algo": None, "kv_cache_quant_algo": None}
-    return {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    section = {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    if group_size is not None:  # W4A16_AWQ as ModelOpt exports it
+        section |= {"group_size": group_size, "has_zero_point": False, "pre_quant_scale": True}
+    return section
 
 
 def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
@@ -244,7 +247,7 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
 
     The files go to a temporary folder beside `out_dir`, renamed onto it when complete: an interrupted
     conversion leaves nothing, and a previous conversion in `out_dir` is replaced whole. Any other
-    non-empty `out_dir` is refused. `quantizer_for(src_dir, source, config, dtype)` (from
+    non-empty `out_dir` is refused. `quantizer_for(src_dir, source, config, dtype, mapping)` (from
     `llmserve.quantization.schemes`), called once everything is checked, returns the quantizer that
     writes the decoder's linears (it may calibrate first); its `quant_algo` goes into the config.
     """
@@ -262,8 +265,9 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, tp_size: int = 
     if quantizer_for is not None:
         from dataclasses import replace
 
-        quantizer = quantizer_for(src_dir, source, config, DTYPES[dtype])
-        config = replace(config, quant_algo=quantizer.quant_algo)
+        quantizer = quantizer_for(src_dir, source, config, DTYPES[dtype], mapping)
+        config = replace(config, quant_algo=quantizer.quant_algo,
+                         quant_group_size=getattr(quantizer, "group_size", None))
     with staged_dir(out) as staging, tqdm(total=mapping.world_size, desc="ranks", disable=not progress) as ranks:
         for rank in range(mapping.world_size):
             tensors = rank_tensors(source.get, config, mapping, rank, DTYPES[dtype], quantizer)

@@ -33,6 +33,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     quant_algo: str | None = None  # TensorRT-LLM's `quantization.quant_algo` of a converted checkpoint
+    quant_group_size: int | None = None  # its `quantization.group_size` (group-wise weight-only schemes)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -104,6 +105,7 @@ class ModelConfig:
             bos_token_id=trt.get("bos_token_id"),
             eos_token_id=_as_list(trt.get("eos_token_id")),
             quant_algo=(trt.get("quantization") or {}).get("quant_algo"),
+            quant_group_size=(trt.get("quantization") or {}).get("group_size"),
         )
 
     @classmethod

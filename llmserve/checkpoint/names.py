@@ -75,14 +75,17 @@ def hf_layer_suffixes(attn_bias: bool) -> list[str]:
 
 # Quantized checkpoints: these linears' weights are quantized, each followed by its scale tensors
 QUANTIZED_LINEARS = ("attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "attention.qkv")
-WEIGHT_SCALE = "weights_scaling_factor"  # dequantizes the weight: per tensor (FP8) or per output channel (SQ)
+WEIGHT_SCALE = "weights_scaling_factor"  # dequantizes the weight: per tensor (FP8), output channel (SQ), group (AWQ)
 INPUT_SCALE = "activation_scaling_factor"  # quantizes the input, per tensor
-PREQUANT_SCALE = "prequant_scaling_factor"  # SmoothQuant: multiplies the input first, per input channel
+PREQUANT_SCALE = "prequant_scaling_factor"  # SmoothQuant, AWQ: multiplies the input first, per input channel
 # the linears whose input dimension is split across tensor ranks (the others split their output rows)
 ROW_PARALLEL_LINEARS = frozenset(trt.removesuffix(".weight") for trt, split in LAYER_WEIGHTS.values()
                                  if split is Split.ROW)
 QUANT_SCALES = {"FP8": (WEIGHT_SCALE, INPUT_SCALE),
-                "W8A8_SQ_PER_CHANNEL": (WEIGHT_SCALE, INPUT_SCALE, PREQUANT_SCALE)}
+                "W8A8_SQ_PER_CHANNEL": (WEIGHT_SCALE, INPUT_SCALE, PREQUANT_SCALE),
+                "W8A16": (),  # model-dtype weights, quantized when loaded or built (see quantization/weight_only.py)
+                "W4A16_AWQ": (WEIGHT_SCALE, PREQUANT_SCALE)}
+PACKED_INT4_ALGOS = frozenset({"W4A16_AWQ"})  # weights hold two int4 per int8 along the output dim
 
 
 def quant_scale_suffixes(linear: str, quant_algo: str | None) -> tuple[str, ...]:

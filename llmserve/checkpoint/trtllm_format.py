@@ -92,12 +92,19 @@ class TrtllmCheckpoint:
                 qkv_suffixes = [names.QKV_TRT, *((names.QKV_BIAS_TRT,) if config.attn_bias else ())]
                 for suffix in qkv_suffixes:
                     parts = [get(names.trt_layer(local, suffix)) for get in gets]
-                    yield names.trt_layer(layer, suffix), merge_qkv(parts, config)
+                    yield names.trt_layer(layer, suffix), self._merge_qkv_weight(parts)
                     yield from self._scales(gets, local, layer, suffix)
         last = stage(mapping.pp_size - 1)
         yield names.TRT_FINAL_NORM, last[0](names.TRT_FINAL_NORM)
         yield names.TRT_LM_HEAD, merge_lm_head([get(names.TRT_LM_HEAD) for get in last], config.vocab_size)
 
+
+    def _merge_qkv_weight(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.config.quant_algo not in names.PACKED_INT4_ALGOS:
+            return merge_qkv(parts, self.config)
+        from llmserve.ops.weight_only_linear import pack_int4, unpack_int4  # rows are packed in pairs
+
+        return pack_int4(merge_qkv([unpack_int4(part) for part in parts], self.config))
 
     def _scales(self, gets: list[Callable[[str], torch.Tensor]], local: int, layer: int,
                 trt_suffix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -111,10 +118,13 @@ class TrtllmCheckpoint:
 
 def merge_scale(parts: list[torch.Tensor], linear: str, suffix: str, config: ModelConfig) -> torch.Tensor:
     """Inverse of the converter's split of one scale tensor: a per-output-channel weight scale of a column
-    layer and a per-input-channel prequant scale of a row layer are split; anything else is replicated."""
+    layer, the group scales of a row layer (by input) and a per-input-channel prequant scale of a row
+    layer are split; anything else is replicated."""
     column = linear not in names.ROW_PARALLEL_LINEARS
     if suffix.endswith(names.WEIGHT_SCALE) and column and parts[0].numel() > 1:
         return merge_qkv(parts, config) if linear == "attention.qkv" else torch.cat(parts)
+    if suffix.endswith(names.WEIGHT_SCALE) and parts[0].dim() == 2:  # group scales [out, in / group]
+        return torch.cat(parts, dim=1)
     if suffix.endswith(names.PREQUANT_SCALE) and not column:
         return torch.cat(parts)
     return parts[0]

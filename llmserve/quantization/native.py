@@ -27,6 +27,9 @@ def scheme(quant_algo: str):
     if quant_algo == "W8A8_SQ_PER_CHANNEL":
         from llmserve.quantization import int8_sq
         return int8_sq
+    if quant_algo in ("W8A16", "W4A16_AWQ"):
+        from llmserve.quantization.weight_only import NativeScheme
+        return NativeScheme(quant_algo)
     raise ValueError(f"quant_algo {quant_algo} has no native runtime")
 
 

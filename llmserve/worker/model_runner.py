@@ -151,7 +151,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, states: list[RequestState],
                grammar_bitmask: GrammarBitmask | None = None) -> LaunchedStep:
         """Sample a token per row of `logits` [B, V], leave a placeholder in each request until `collect`."""
-        result = self.sampler(logits, states, allowed_words(grammar_bitmask, states, logits))
+        result = self.sampler(logits, states, grammar_masks(grammar_bitmask, states, logits))
         sampled = []
         for row, state in enumerate(states):  # after sampling: it counts outputs so far
             state.last_sample_row = row
@@ -254,11 +254,11 @@ class ModelRunner:
         return [ids, pos, slot, as_int32[0], as_int32[1], logit_idx, rows, sources, as_int32[2].view(table.shape)]
 
 
-def allowed_words(bitmask: GrammarBitmask | None, states: list[RequestState], logits: torch.Tensor
+def grammar_masks(bitmask: GrammarBitmask | None, states: list[RequestState], logits: torch.Tensor
                   ) -> torch.Tensor | None:
-    """The sampler's [B, W] int32 bitmask on the logits' device, a row per sampling request in batch
-    order; rows of unconstrained requests allow every token. One copy to the device (pinned, not
-    waiting for the forward pass): the constrained rows, each with its batch row in an extra word."""
+    """The sampler's grammar masks on the logits' device: [M, W + 1] int32, a packed row per constrained
+    request followed by its row in the batch (past the batch when it is not sampled this step). One copy
+    to the device, pinned, not waiting for the forward pass."""
     if bitmask is None or not bitmask.request_ids:
         return None
     num_masks = len(bitmask.request_ids)
@@ -268,12 +268,8 @@ def allowed_words(bitmask: GrammarBitmask | None, states: list[RequestState], lo
     host = torch.empty((num_masks, num_words + 1), dtype=torch.int32, pin_memory=logits.is_cuda)
     packed = host.numpy()
     packed[:, :num_words] = np.frombuffer(bitmask.words, dtype=np.int32).reshape(num_masks, num_words)
-    # a request not sampled this step writes to a spare row past the batch
     packed[:, num_words] = [batch_row.get(request_id, len(states)) for request_id in bitmask.request_ids]
-    masks = host.to(logits.device, non_blocking=True)
-    words = torch.full((len(states) + 1, num_words), -1, dtype=torch.int32, device=logits.device)
-    words[masks[:, num_words].long()] = masks[:, :num_words]
-    return words[:len(states)]
+    return host.to(logits.device, non_blocking=True)
 
 
 def _start_copy(sampled: list[tuple[RequestState, int]], result) -> LaunchedStep:

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from llmserve.ops.exponential_noise import exponential_noise, mix64, signed64
+from llmserve.ops.token_bitmask import apply_token_bitmask
 from llmserve.sampling_params import SamplingParams
 
 
@@ -47,15 +48,15 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
-                 allowed_words: torch.Tensor | None = None) -> SamplerOutput:
+                 grammar_masks: torch.Tensor | None = None) -> SamplerOutput:
         """Sample from `logits` [B, V] (any float dtype; computed in float32); never mutates it.
-        `allowed_words` [B, ceil(V / 32)] int32 on the logits' device: the grammar bitmask (all bits
-        set in unconstrained rows)."""
+        `grammar_masks` on the logits' device: the constrained rows' bitmasks with their batch rows
+        (`ops.token_bitmask`)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "logits must be [len(rows), V]"
         raw = logits.float()
         logits = apply_penalties(raw, rows)
         logits = apply_logit_bias(logits, rows)
-        logits = apply_token_bitmask(logits, allowed_words)
+        logits = apply_token_bitmask(logits, grammar_masks)
         logits = mask_stop_ids(logits, rows, self.eos_token_ids)
         token_ids = _pick(logits, rows)
         return _with_logprobs(token_ids, raw, rows)
@@ -98,15 +99,6 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
                         torch.float32, logits.device)
     added = torch.zeros(num_rows, vocab + 1, dtype=torch.float32, device=logits.device).scatter_add_(1, index, values)
     return logits + added[:, :vocab]
-
-
-def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
-    """-inf for the tokens whose bit is clear in `words` [B, ceil(V / 32)] (bit t of word t // 32)."""
-    if words is None:
-        return logits
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :logits.shape[1]]  # [B, V]
-    return logits.masked_fill(allowed == 0, float("-inf"))
 
 
 def _token_counts(token_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,308 @@
+"""Weight-only linears (W8A16, W4A16_AWQ): the int4 packing, CPU and CUDA forwards against float64, caches.
+
+`python -m tests.test_weight_only_linear [cpu|cuda]` times the paths (the numbers in the module's docstring).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.ops.weight_only_linear import (TRITON_MAX_M, WeightOnlyLinear, dequantize, pack_int4, pack_int4_for_cpu,
+                                             unpack_int4, weight_only_mm)
+
+HAS_CUDA = torch.cuda.is_available()
+SCHEMES = [(8, None), (4, 32), (4, 64)]  # (bits, group_size)
+# ||y - y_ref|| / ||y_ref|| against float64. float32 computes in float32 (~1e-7 seen). A 16-bit path rounds
+# x * prequant, the scale (CPU bf16 kernels) and y once each, ~2^-9 (bf16) or 2^-12 (fp16) apiece: ~3e-3
+# and ~2e-4 seen, bounds with about 3x headroom.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def make_linear(in_features: int = 256, out_features: int = 96, bits: int = 4, group_size: int | None = 64,
+                seed: int = 0, device: str = "cpu", **kwargs) -> WeightOnlyLinear:
+    """A linear with random full-range quantized values, scales in [0.5, 1.5) and a prequant in [0.5, 2)."""
+    linear = WeightOnlyLinear(in_features, out_features, bits, group_size, **kwargs)
+    fill_random(linear, seed)
+    return linear.to(device)
+
+
+def fill_random(linear: WeightOnlyLinear, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (-128, 128) if linear.bits == 8 else (-8, 8)
+    values = torch.randint(low, high, (linear.out_features, linear.in_features), generator=generator, dtype=torch.int8)
+    with torch.no_grad():
+        linear.weight.copy_(values if linear.bits == 8 else pack_int4(values))
+        linear.weight_scale.copy_(torch.rand(linear.weight_scale.shape, generator=generator) + 0.5)
+        if linear.prequant_scale is not None:
+            linear.prequant_scale.copy_(torch.rand(linear.in_features, generator=generator) * 1.5 + 0.5)
+
+
+def reference(linear: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
+    """(x * prequant) W^T in float64, on the CPU."""
+    weight = dequantize(linear.weight.cpu(), linear.weight_scale.cpu(), linear.bits, linear.group_size).double()
+    x = x.cpu().double()
+    if linear.prequant_scale is not None:
+        x = x * linear.prequant_scale.cpu().double()
+    return x @ weight.t()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.cpu().double() - want).norm() / want.norm()).item()
+
+
+# ---- the format -----------------------------------------------------------------------------
+def test_pack_unpack_round_trip_is_exact():
+    values = torch.randint(-8, 8, (64, 40), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    values[0, 0], values[1, 0] = -8, 7
+    packed = pack_int4(values)
+    assert packed.dtype == torch.int8 and packed.shape == (32, 40)
+    assert torch.equal(unpack_int4(packed), values)
+
+
+def test_pack_puts_even_rows_in_the_low_nibble():
+    values = torch.tensor([[1, -8], [-1, 7]], dtype=torch.int8)  # rows 0 and 1
+    # column 0: low 0x1, high 0xF -> 0xF1; column 1: low 0x8, high 0x7 -> 0x78
+    assert pack_int4(values).view(torch.uint8).tolist() == [[0xF1, 0x78]]
+
+
+def test_dequantize_applies_channel_and_group_scales():
+    int8 = dequantize(torch.tensor([[2, -3], [127, -128]], dtype=torch.int8), torch.tensor([0.5, 2.0]), 8, None)
+    assert int8.tolist() == [[1.0, -1.5], [254.0, -256.0]]
+    values = torch.tensor([[1, 2, 3, 4], [-8, 7, -1, 0]], dtype=torch.int8)
+    int4 = dequantize(pack_int4(values), torch.tensor([[1.0, 10.0], [0.5, 2.0]]), 4, 2)
+    assert int4.tolist() == [[1.0, 2.0, 30.0, 40.0], [-4.0, 3.5, -2.0, 0.0]]
+
+
+def test_the_cpu_int4_kernel_is_symmetric_dequantize():
+    linear = make_linear(bits=4, group_size=32)
+    packed, scales_and_zeros = pack_int4_for_cpu(linear.weight, linear.weight_scale)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros)
+    bf16_scale = linear.weight_scale.bfloat16().float()  # the kernel takes bfloat16 scales
+    want = x.double() @ dequantize(linear.weight, bf16_scale, 4, 32).double().t()
+    assert relative_error(got, want) < 1e-2
+
+
+def test_state_dict_holds_the_checkpoint_names_shapes_and_dtypes():
+    int4 = WeightOnlyLinear(256, 96, 4, 64).state_dict()
+    assert {name: (tuple(t.shape), t.dtype) for name, t in int4.items()} == {
+        "weight": ((48, 256), torch.int8), "weight_scale": ((96, 4), torch.float32),
+        "prequant_scale": ((256,), torch.float32)}
+    int8 = WeightOnlyLinear(256, 96, 8, has_prequant=False).state_dict()
+    assert {name: (tuple(t.shape), t.dtype) for name, t in int8.items()} == {
+        "weight": ((96, 256), torch.int8), "weight_scale": ((96,), torch.float32)}
+
+
+@pytest.mark.parametrize("args, message", [
+    ((256, 96, 3, None), "bits must be 4 or 8"),
+    ((256, 96, 8, 64), "group_size must be None"),
+    ((256, 96, 4, None), "group_size dividing"),
+    ((256, 96, 4, 48), "group_size dividing"),
+    ((256, 96, 4, 0), "group_size dividing"),
+    ((256, 95, 4, 64), "out_features must be even"),
+    ((0, 96, 8, None), "features must be positive"),
+])
+def test_bad_constructor_arguments_raise(args, message):
+    with pytest.raises(ValueError, match=message):
+        WeightOnlyLinear(*args)
+
+
+# ---- CPU ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, group_size", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 5, 33])  # bf16: 1 and 5 take the packed kernels, 33 the dense weight
+def test_cpu_forward_matches_float64(bits, group_size, dtype, rows):
+    linear = make_linear(bits=bits, group_size=group_size)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = linear(x)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert relative_error(y, reference(linear, x)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("bits, group_size", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_forward_keeps_leading_dims(bits, group_size, dtype):
+    linear = make_linear(bits=bits, group_size=group_size)
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = linear(x)
+    assert y.dtype == dtype and y.shape == (2, 3, 96)
+    assert relative_error(y, reference(linear, x.reshape(6, 256)).reshape(2, 3, 96)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("in_features, out_features, bits, group_size", [(40, 50, 8, None), (96, 50, 4, 16)])
+def test_shapes_the_packed_kernels_refuse_use_the_dense_weight(in_features, out_features, bits, group_size):
+    linear = make_linear(in_features, out_features, bits, group_size)
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(5)).bfloat16()
+    assert relative_error(linear(x), reference(linear, x)) < TOLERANCE[torch.bfloat16]
+    assert list(linear._cache) == ["dense-torch.bfloat16"]
+
+
+@pytest.mark.parametrize("bits, group_size", SCHEMES)
+def test_without_prequant_the_input_is_used_as_is(bits, group_size):
+    linear = make_linear(bits=bits, group_size=group_size, has_prequant=False)
+    assert linear.prequant_scale is None
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(6)).to(dtype)
+        assert relative_error(linear(x), reference(linear, x)) < TOLERANCE[dtype]
+
+
+# ---- caches ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, group_size", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("buffer", ["weight", "weight_scale", "prequant_scale"])
+def test_copying_new_values_after_a_forward_invalidates_the_cache(bits, group_size, dtype, buffer):
+    linear = make_linear(bits=bits, group_size=group_size)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
+    before = linear(x)
+    with torch.inference_mode():  # as the model runner calls it; copies still bump the version
+        getattr(linear, buffer).copy_(getattr(make_linear(bits=bits, group_size=group_size, seed=8), buffer))
+        after = linear(x)
+    assert relative_error(after, reference(linear, x)) < TOLERANCE[dtype]
+    assert relative_error(before, reference(linear, x)) > 0.1
+
+
+def test_loading_a_state_dict_invalidates_the_cache():
+    linear, other = make_linear(), make_linear(seed=9)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(10)).bfloat16()
+    linear(x)
+    linear.load_state_dict(other.state_dict())
+    assert torch.equal(linear(x), other(x))
+
+
+def test_prepare_drops_caches_of_inference_tensors():
+    with torch.inference_mode():  # buffers made here carry no version counter
+        linear = make_linear()
+        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11)).bfloat16()
+        linear(x)
+        fill_random(linear, seed=12)
+        linear.prepare()
+        assert relative_error(linear(x), reference(linear, x)) < TOLERANCE[torch.bfloat16]
+
+
+# ---- CUDA -----------------------------------------------------------------------------------
+CUDA_SCHEMES = [(8, None, 200), (4, 32, 256), (4, 64, 256), (4, 128, 256)]  # (bits, group, in): K=200 masks K
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (the Triton kernel)")
+@pytest.mark.parametrize("bits, group_size, in_features", CUDA_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_cuda_forward_matches_float64(bits, group_size, in_features, dtype, rows):
+    linear = make_linear(in_features, 96, bits, group_size, device="cuda")  # N=96: partial N tiles
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(13)).to(dtype).cuda()
+    y = linear(x)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert relative_error(y, reference(linear, x)) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (the Triton kernel)")
+@pytest.mark.parametrize("bits, group_size, in_features", CUDA_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("has_prequant", [True, False])
+@pytest.mark.parametrize("rows", [1, 16, 17, TRITON_MAX_M + 44])  # the kernel itself past the dense threshold
+def test_the_triton_kernel_matches_float64(bits, group_size, in_features, dtype, has_prequant, rows):
+    linear = make_linear(in_features, 96, bits, group_size, device="cuda", has_prequant=has_prequant)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(14)).to(dtype).cuda()
+    y = weight_only_mm(x, linear.weight, linear.weight_scale, linear.prequant_scale, bits, group_size)
+    assert relative_error(y, reference(linear, x)) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits, group_size", SCHEMES)
+def test_cuda_float32_and_a_3d_input(bits, group_size):
+    linear = make_linear(bits=bits, group_size=group_size, device="cuda")
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(15)).cuda()
+    y = linear(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 96)
+    assert relative_error(y, reference(linear, x.reshape(6, 256)).reshape(2, 3, 96)) < TOLERANCE[torch.float32]
+
+
+# ---- timing (not collected by pytest) -------------------------------------------------------
+SHAPES = [(1536, 576), (576, 1536), (960, 576), (3072, 576)]  # the default model's linears, [N x K]
+
+
+def _time_us(fn, budget_s: float = 0.3) -> float:
+    """CPU: best of 3 means over ~budget_s, in microseconds per call."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    calls = max(3, int(budget_s / max(time.perf_counter() - start, 1e-6)))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def _dynamic_int8(weight: torch.Tensor) -> torch.nn.Module:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, torch.qint8)
+
+
+def bench_cpu() -> None:
+    """us per call at threads=2: float32 F.linear, dynamic int8 (W8A8) and the module's paths."""
+    torch.set_num_threads(2)
+    print("[N x K]  M | fp32 F.linear  dyn int8 | W4 bf16  W8 bf16 | W4 fp32  W8 fp32")
+    for n, k in SHAPES:
+        w4, w8 = make_linear(k, n, 4, 64), make_linear(k, n, 8, None)
+        dense = w8.dense_weight(torch.float32)
+        dynamic = _dynamic_int8(dense)
+        for m in (1, 16):
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+            times = [_time_us(lambda: fn(a)) for fn, a in ((lambda t: F.linear(t, dense), x), (dynamic, x),
+                                                                  (w4, xb), (w8, xb), (w4, x), (w8, x))]
+            print(f"{n}x{k} {m:2d} | " + " ".join(f"{t:8.0f}" for t in times))
+
+
+def _cuda_graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time per call in microseconds: `calls` calls captured in one CUDA graph (no launch overhead)."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        fn()  # compiles, and warms up off the capture stream
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
+
+
+def bench_cuda() -> None:
+    """us per call on CUDA, bf16: the Triton kernel, dequantize-then-matmul, and a plain bf16 F.linear."""
+    print("[N x K]        M | triton W4  dense W4 | triton W8  dense W8 | bf16 F.linear")
+    for n, k in SHAPES + [(4096, 4096), (14336, 4096), (4096, 14336)]:  # and an 8B model's
+        w4, w8 = make_linear(k, n, 4, 64, device="cuda"), make_linear(k, n, 8, None, device="cuda")
+        dense = w8.dense_weight(torch.bfloat16)
+        for m in (1, 16, 64, 256, 1024, 4096):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            runs = [lambda: weight_only_mm(x, w4.weight, w4.weight_scale, w4.prequant_scale, 4, 64),
+                    lambda: F.linear(x, w4.dense_weight(x.dtype)),
+                    lambda: weight_only_mm(x, w8.weight, w8.weight_scale, w8.prequant_scale, 8, None),
+                    lambda: F.linear(x, w8.dense_weight(x.dtype)), lambda: F.linear(x, dense)]
+            print(f"{n:5d}x{k:<5d} {m:5d} | " + " ".join(f"{_cuda_graph_us(run):9.1f}" for run in runs))
+
+
+if __name__ == "__main__":
+    bench_cuda() if sys.argv[1:] == ["cuda"] else bench_cpu()
