@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -13,10 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmserve.ops.weight_only_linear import (TRITON_MAX_M, WeightOnlyLinear, dequantize, pack_int4, pack_int4_for_cpu,
-                                             unpack_int4, weight_only_mm)
+from llmserve.ops import weight_only_linear
+from llmserve.ops.weight_only_linear import (TRITON_MAX_M, GemmTiles, WeightOnlyLinear, dequantize, pack_int4,
+                                             pack_int4_for_cpu, unpack_int4, weight_only_mm)
 
 HAS_CUDA = torch.cuda.is_available()
+INTERPRET = weight_only_linear.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+# the Triton kernels run on CUDA, and on CPU tensors under the interpreter (TRITON_INTERPRET=1, float16 only)
+KERNEL_DEVICES = ([pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else []) + (["cpu"] if INTERPRET else [])
 SCHEMES = [(8, None), (4, 32), (4, 64)]  # (bits, group_size)
 # ||y - y_ref|| / ||y_ref|| against float64. float32 computes in float32 (~1e-7 seen). A 16-bit path rounds
 # x * prequant, the scale (CPU bf16 kernels) and y once each, ~2^-9 (bf16) or 2^-12 (fp16) apiece: ~3e-3
@@ -215,6 +220,34 @@ def test_the_triton_kernel_matches_float64(bits, group_size, in_features, dtype,
     assert relative_error(y, reference(linear, x)) < TOLERANCE[dtype]
 
 
+# the decode tiles with BLOCK_K below and at the int4 groups, and a narrow one that splits K many ways
+KERNEL_TILES = [GemmTiles(16, 64, 32, 4, 3), GemmTiles(16, 16, 32, 2, 2), GemmTiles(32, 64, 32, 4, 4)]
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("bits, group_size, in_features", CUDA_SCHEMES)
+@pytest.mark.parametrize("tiles", KERNEL_TILES, ids=lambda t: f"m{t.block_m}r{t.block_r}k{t.block_k}")
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])  # up to 16 split K, 17 does not
+def test_the_triton_kernel_matches_float64_with_any_tiles(device, bits, group_size, in_features, tiles, rows):
+    linear = make_linear(in_features, 96, bits, group_size, device=device)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(16)).half().to(device)
+    y = weight_only_mm(x, linear.weight, linear.weight_scale, linear.prequant_scale, bits, group_size, tiles)
+    assert y.dtype == torch.float16 and y.shape == (rows, 96)
+    assert relative_error(y, reference(linear, x)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="needs CUDA, or triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("rows", [1, 16, 17])  # the default decode tiles (int4 BLOCK_K = group = 128), then not
+def test_the_default_tiles_match_float64_without_prequant(device, rows):
+    for bits, group_size in ((8, None), (4, 128)):
+        linear = make_linear(512, 160, bits, group_size, device=device, has_prequant=False)
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(17)).half().to(device)
+        y = weight_only_mm(x, linear.weight, linear.weight_scale, None, bits, group_size)
+        assert relative_error(y, reference(linear, x)) < TOLERANCE[torch.float16]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("bits, group_size", SCHEMES)
@@ -228,6 +261,7 @@ def test_cuda_float32_and_a_3d_input(bits, group_size):
 
 # ---- timing (not collected by pytest) -------------------------------------------------------
 SHAPES = [(1536, 576), (576, 1536), (960, 576), (3072, 576)]  # the default model's linears, [N x K]
+CUDA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # llama-8b's: qkv, o, gate_up, down
 
 
 def _time_us(fn, budget_s: float = 0.3) -> float:
@@ -290,14 +324,15 @@ def _cuda_graph_us(fn, calls: int = 20, replays: int = 10) -> float:
 
 
 def bench_cuda() -> None:
-    """us per call on CUDA, bf16: the Triton kernel, dequantize-then-matmul, and a plain bf16 F.linear."""
+    """us per call on CUDA, bf16, int4 in groups of 128: the Triton kernels, dequantize-then-matmul, and a
+    plain bf16 F.linear."""
     print("[N x K]        M | triton W4  dense W4 | triton W8  dense W8 | bf16 F.linear")
-    for n, k in SHAPES + [(4096, 4096), (14336, 4096), (4096, 14336)]:  # and an 8B model's
-        w4, w8 = make_linear(k, n, 4, 64, device="cuda"), make_linear(k, n, 8, None, device="cuda")
+    for n, k in SHAPES + CUDA_SHAPES:
+        w4, w8 = make_linear(k, n, 4, 128, device="cuda"), make_linear(k, n, 8, None, device="cuda")
         dense = w8.dense_weight(torch.bfloat16)
         for m in (1, 16, 64, 256, 1024, 4096):
             x = torch.randn(m, k, device="cuda").bfloat16()
-            runs = [lambda: weight_only_mm(x, w4.weight, w4.weight_scale, w4.prequant_scale, 4, 64),
+            runs = [lambda: weight_only_mm(x, w4.weight, w4.weight_scale, w4.prequant_scale, 4, 128),
                     lambda: F.linear(x, w4.dense_weight(x.dtype)),
                     lambda: weight_only_mm(x, w8.weight, w8.weight_scale, w8.prequant_scale, 8, None),
                     lambda: F.linear(x, w8.dense_weight(x.dtype)), lambda: F.linear(x, dense)]

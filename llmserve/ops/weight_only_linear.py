@@ -8,23 +8,31 @@ as x's dtype (float16 on CPU runs in float32).
   W[n, k] = int4(n, k) * weight_scale[n, k // G].
 `prequant_scale` [K] (AWQ's activation scaling) is optional (`has_prequant`); without it p = 1.
 
-CUDA: float16/bfloat16 with M <= TRITON_MAX_M runs one Triton GEMM that reads the quantized weight and
+CUDA: float16/bfloat16 with M <= TRITON_MAX_M runs one Triton GEMM that reads the quantized weight once and
 dequantizes it in registers; float32, larger M (prefill) and group sizes that cannot tile dequantize W to
-x's dtype once per call and use torch's matmul. Measured on an H200 (bf16, us of GPU time per call,
-CUDA-graph replay; `python -m tests.test_weight_only_linear cuda`):
-  [N x K]         M | triton W4  dense W4 | triton W8  dense W8 | bf16 F.linear (unquantized)
-   1536x576      1 |     4.8       23.3   |     4.0       15.8   |    3.6
-   1536x576    256 |    10.4       23.3   |     6.5       15.8   |    3.6
-   1536x576   4096 |    55.7       33.8   |    48.0       26.2   |   13.1
-   576x1536      1 |    10.5       24.2   |     7.2       16.8   |    4.6
-   14336x4096    1 |    57.6      727.8   |    26.8      619.0   |   30.2
+x's dtype once per call and use torch's matmul. Decode (M <= 16) splits K so that every SM streams weight.
+Measured on an H200 (bf16, us of GPU time per call, CUDA-graph replay, int4 in groups of 128, llama-8b's
+linears; `python -m tests.test_weight_only_linear cuda`):
+  [N x K]      M | triton W4  triton W8 | bf16 F.linear (unquantized)
+   6144x4096   1 |    16.3       17.8   |   13.8
+   4096x4096   1 |    12.0       11.9   |   10.1
+  28672x4096   1 |    55.7       48.8   |   56.4
+   4096x14336  1 |    30.8       31.0   |   31.9
+   6144x4096  16 |    19.6       18.5   |   13.4
+   4096x4096  16 |    13.9       12.5   |    9.3
+  28672x4096  16 |    61.3       50.0   |   57.4
+   4096x14336 16 |    33.8       31.8   |   32.6
+Decode thus runs at bf16's speed, not at its 4x (int4) or 2x (int8) fewer bytes: 28672x4096 int4 streams
+~1 TB/s of an H200's ~4. A tensor-core-free GEMV (float32 broadcast-multiply, sums over K) measured slower
+(int4 M=1: 18.0 / 13.9 / 69.8 / 34.9). Before the decode tiles (64 weight rows, BLOCK_K 128-256), int4 at
+M=1 took 57.6 us on 14336x4096. Larger M, as measured before this change (int4 now makes two dots per
+byte tile, unmeasured; the int8 tiles are unchanged):
+  [N x K]         M | triton W4  dense W4 | triton W8  dense W8 | bf16 F.linear
    14336x4096  256 |   238.8      736.8   |   159.5      628.9   |   44.6
    14336x4096 1024 |   887.7      845.5   |   541.9      735.1   |  155.3
    14336x4096 4096 |  3428.9     1317.4   |  2158.4     1269.5   |  721.7
-   4096x14336    1 |    85.7      727.6   |    54.8      616.3   |   31.1
-The default model's linears are launch-bound at decode. On an 8B model's, the kernel beats dequantizing up to
-M ~ 256-1024 and loses 2.6x at 4096, hence TRITON_MAX_M = 256; at M=1 int4 streams its weight at only
-~0.5 TB/s (a serial K loop on few programs; split-K would help), slower than unquantized bf16.
+On an 8B model's linears the kernel beats dequantizing up to M ~ 256-1024 and loses 2.6x at 4096, hence
+TRITON_MAX_M = 256.
 
 CPU: us per call, threads=2, AMD EPYC (AVX512-BF16, VNNI), torch 2.13, G = 64, through the module
 (`python -m tests.test_weight_only_linear cpu`); dynamic int8 is for comparison only: it quantizes x (W8A8).
@@ -54,6 +62,7 @@ counter: after changing those in place, call `prepare()`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +73,15 @@ from llmserve.ops.triton_support import jit as _jit, tl, triton
 TRITON_MAX_M = 256  # rows above which CUDA dequantizes W once and calls torch's matmul (see the table)
 CPU_PACKED_MAX_M = 8  # bf16 packed kernels win up to here on CPU (measured: tie at 8, 1.4-2x slower at 16)
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+
+
+class GemmTiles(NamedTuple):
+    """The Triton kernel's launch shape."""
+    block_m: int
+    block_r: int  # weight rows per program (int4: two output rows each)
+    block_k: int  # at most the int4 scale group
+    num_warps: int
+    num_stages: int
 
 
 # ---- the formats ----------------------------------------------------------------------------
@@ -101,22 +119,36 @@ def pack_int4_for_cpu(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple
 
 
 # ---- the CUDA kernel ------------------------------------------------------------------------
+# It reads each weight byte once: an int4 byte (r, k) feeds output rows 2r (low nibble) and 2r+1 (high),
+# accumulated apart in float32 as acc_lo and acc_hi. R is the weight's row count: N for int8, N/2 for int4.
 @_jit
-def _weight_only_gemm_kernel(x_ptr, w_ptr, scale_ptr, prequant_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+def _store_rows(y_ptr, acc_lo, acc_hi, scale_ptr, offs_m, offs_r, M, R, stride_ym, BITS: tl.constexpr):
+    """y[m, output row] = acc for the rows tile; int8 applies its per-channel scale here."""
+    mask = (offs_m < M)[:, None] & (offs_r < R)[None, :]
+    y_rows = y_ptr + offs_m[:, None] * stride_ym
+    if BITS == 4:
+        tl.store(y_rows + 2 * offs_r[None, :], acc_lo.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_rows + 2 * offs_r[None, :] + 1, acc_hi.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        scale = tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0)
+        tl.store(y_rows + offs_r[None, :], (acc_lo * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _weight_only_gemm_kernel(x_ptr, w_ptr, scale_ptr, prequant_ptr, y_ptr, M, R, K, K_PER_SPLIT,
                              stride_xm, stride_w, stride_scale, stride_ym, stride_split,
                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_PREQUANT: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # program (m tile, n tile, k split); with several splits each writes its float32 partial sum to its
-    # own slice of y (stride_split apart) and the caller adds them up
+                             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (m tile, rows tile, k split); with several splits each writes its float32 partial sum to its
+    # own slice of y (stride_split apart) and the caller adds them up. An int4 byte tile makes two dots.
     split = tl.program_id(2)
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    w_rows = offs_n // (8 // BITS)  # int4: rows 2r and 2r+1 share byte row r
-    nibble_shift = 28 - (offs_n % 2) * 4  # int4: moves row n's nibble to the top bits of an int32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m, mask_r = offs_m < M, offs_r < R
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
@@ -125,19 +157,18 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, scale_ptr, prequant_ptr, y_ptr, M, N,
         if HAS_PREQUANT:
             prequant = tl.load(prequant_ptr + offs_k, mask=mask_k, other=0.0)
             x = (x.to(tl.float32) * prequant[None, :]).to(y_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + w_rows[None, :] * stride_w + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N] int8
+        w = tl.load(w_ptr + offs_r[None, :] * stride_w + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_r[None, :], other=0)  # [BLOCK_K, BLOCK_R] int8
         if BITS == 4:
-            w = (w.to(tl.int32) << nibble_shift[None, :]) >> 28  # arithmetic shift sign-extends
-            # BLOCK_K divides GROUP_SIZE: one scale per column for the tile, applied in float32
-            scale = tl.load(scale_ptr + offs_n * stride_scale + k0 // GROUP_SIZE, mask=mask_n, other=0.0)
-            acc += tl.dot(x, w.to(x.dtype)) * scale[None, :]
+            w = w.to(tl.int32)
+            # BLOCK_K divides GROUP_SIZE: one scale per output row for the tile, applied in float32
+            scale_lo = scale_ptr + 2 * offs_r * stride_scale + k0 // GROUP_SIZE
+            low, high = ((w << 28) >> 28).to(x.dtype), (w >> 4).to(x.dtype)  # arithmetic shifts sign-extend
+            acc_lo += tl.dot(x, low) * tl.load(scale_lo, mask=mask_r, other=0.0)[None, :]
+            acc_hi += tl.dot(x, high) * tl.load(scale_lo + stride_scale, mask=mask_r, other=0.0)[None, :]
         else:
-            acc += tl.dot(x, w.to(x.dtype))  # |int8| <= 128 is exact in float16 and bfloat16
-    if BITS == 8:
-        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(y_ptr + split * stride_split + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+            acc_lo += tl.dot(x, w.to(x.dtype))  # |int8| <= 128 is exact in float16 and bfloat16
+    _store_rows(y_ptr + split * stride_split, acc_lo, acc_hi, scale_ptr, offs_m, offs_r, M, R, stride_ym, BITS)
 
 
 def triton_block_k(bits: int, group_size: int | None) -> int | None:
@@ -150,35 +181,45 @@ def triton_block_k(bits: int, group_size: int | None) -> int | None:
 
 
 def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   prequant_scale: torch.Tensor | None, bits: int, group_size: int | None) -> torch.Tensor:
-    """(x * prequant_scale) W^T for contiguous x [M, K] float16/bfloat16 on CUDA, one Triton kernel."""
+                   prequant_scale: torch.Tensor | None, bits: int, group_size: int | None,
+                   tiles: GemmTiles | None = None) -> torch.Tensor:
+    """(x * prequant_scale) W^T for contiguous x [M, K] float16/bfloat16 on CUDA: one Triton kernel, plus a
+    sum when decode splits K. `tiles` defaults to `_tiles`; an int4 BLOCK_K must divide the group size."""
     num_rows, num_cols = x.shape
-    out_features = weight.shape[0] * (8 // bits)
-    block_m, block_n, block_k, num_warps, num_stages = _tiles(num_rows, bits, group_size)
-    tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
-    k_per_split = _k_per_split(num_cols, block_k, tiles, x.device) if num_rows <= 16 else num_cols
-    splits = triton.cdiv(num_cols, k_per_split)
-    y = torch.empty((splits, num_rows, out_features), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    tiles = tiles or _tiles(num_rows, bits, group_size)
+    assert bits == 8 or group_size % tiles.block_k == 0, f"BLOCK_K {tiles.block_k} straddles int4 groups"
+    grid_m, grid_r = triton.cdiv(num_rows, tiles.block_m), triton.cdiv(weight.shape[0], tiles.block_r)
+    k_per_split = num_cols
+    if num_rows <= 16:
+        k_per_split = _k_per_split(num_cols, tiles.block_k, grid_m * grid_r, x.device)
+    y = _partial_sums(x, weight.shape[0] * (8 // bits), k_per_split)
     prequant = weight_scale if prequant_scale is None else prequant_scale  # not read without a prequant
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n), splits)
-    _weight_only_gemm_kernel[grid](
-        x, weight, weight_scale, prequant, y, num_rows, out_features, num_cols, k_per_split,
+    _weight_only_gemm_kernel[(grid_m, grid_r, y.shape[0])](
+        x, weight, weight_scale, prequant, y, num_rows, weight.shape[0], num_cols, k_per_split,
         x.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(1), y.stride(0),
         BITS=bits, GROUP_SIZE=group_size or 1, HAS_PREQUANT=prequant_scale is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-    return y[0] if splits == 1 else y.sum(dim=0).to(x.dtype)
+        BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return y[0] if y.shape[0] == 1 else y.sum(dim=0).to(x.dtype)
 
 
-def _tiles(num_rows: int, bits: int, group_size: int | None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), the best of small sweeps on an H200 (llama-8b linears):
-    narrow tiles for decode, wider ones from 17 rows (M 64 and 256 swept)."""
-    block_k = triton_block_k(bits, group_size)
+def _partial_sums(x: torch.Tensor, out_features: int, k_per_split: int) -> torch.Tensor:
+    """y [splits, M, N]: x's dtype when K is not split, else float32 partial sums."""
+    splits = triton.cdiv(x.shape[1], k_per_split)
+    dtype = x.dtype if splits == 1 else torch.float32
+    return torch.empty((splits, x.shape[0], out_features), dtype=dtype, device=x.device)
+
+
+def _tiles(num_rows: int, bits: int, group_size: int | None) -> GemmTiles:
+    """The best of small sweeps on an H200 (llama-8b linears): for decode (M 1-16 swept) 64 weight rows by
+    a wide K tile, with K split across SMs; wider M tiles from 17 rows (M 64 and 256 swept)."""
     if num_rows <= 16:
-        return 16, 64 if bits == 8 else 32, block_k, 4, 4
+        return GemmTiles(16, 64, 256, 4, 4) if bits == 8 else GemmTiles(16, 64, min(128, group_size), 4, 3)
+    block_k = triton_block_k(bits, group_size)
     block_m = 64 if num_rows <= 64 else 128
     if bits == 8:
-        return block_m, 128, block_k, 4 if block_m == 64 else 8, 3
-    return block_m, 64, block_k, 4, 3
+        return GemmTiles(block_m, 128, block_k, 4 if block_m == 64 else 8, 3)
+    return GemmTiles(block_m, 32, block_k, 4, 3)
 
 
 def _k_per_split(num_cols: int, block_k: int, tiles: int, device: torch.device) -> int:
@@ -192,6 +233,8 @@ def _k_per_split(num_cols: int, block_k: int, tiles: int, device: torch.device) 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the Triton interpreter (CPU tensors): still split K, as on a small GPU
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
