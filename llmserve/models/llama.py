@@ -217,9 +217,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, E] -> [B, V]; with tp each rank scores its vocabulary rows and the ranks gather them."""
         if self.logits_linear is not None:
-            return self.logits_linear(hidden)
-        weight = self.transformer.vocab_embedding.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.parallel.all_gather_last_dim(F.linear(hidden, weight))
+            logits = self.logits_linear(hidden)  # a quantized head of this rank's rows
+        else:
+            weight = self.transformer.vocab_embedding.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(hidden, weight)
+        logits = self.parallel.all_gather_last_dim(logits)
         return logits[:, :self.config.vocab_size] if self.parallel.tp_size > 1 else logits
 
     @torch.no_grad()

@@ -69,6 +69,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32",
     if quantization == "int8" and checkpoint.config.quant_algo is not None:
         raise ValueError(f"{path} is quantized already ({checkpoint.config.quant_algo}): serve it without --quantization")
     load_tensors(model, checkpoint_tensors(checkpoint))
+    _weight_only_head(model, device)
     if quantization == "int8":
         from llmserve.ops.int8_linear import quantize_linears_int8
 
@@ -98,4 +99,13 @@ def load_rank_model(path: str | Path, parallel, device: str, dtype: str) -> tupl
     config, tensors = rank_tensors_of(path, parallel, dtype)
     model = build_model(config, parallel.device if device.startswith("cuda") else device, dtype, parallel=parallel)
     load_tensors(model, tensors)
+    _weight_only_head(model, device)
     return config, model
+
+
+def _weight_only_head(model: LlamaForCausalLM, device: str) -> None:
+    """On CPU a weight-only checkpoint's LM head runs as W8A16 too (see `weight_only.int8_lm_head`)."""
+    if device == "cpu" and model.config.quant_algo in ("W8A16", "W4A16_AWQ") and model.parallel.is_last_stage:
+        from llmserve.quantization.weight_only import int8_lm_head
+
+        int8_lm_head(model)

@@ -12,7 +12,7 @@ CUDA: float16/bfloat16 with M <= TRITON_MAX_M runs one Triton GEMM that reads th
 dequantizes it in registers; float32, larger M (prefill) and group sizes that cannot tile dequantize W to
 x's dtype once per call and use torch's matmul. Decode (M <= 16) splits K so that every SM streams weight.
 Measured on an H200 (bf16, us of GPU time per call, CUDA-graph replay, int4 in groups of 128, llama-8b's
-linears; `python -m tests.test_weight_only_linear cuda`):
+linears; `python bench/weight_only_linear.py cuda`):
   [N x K]      M | triton W4  triton W8 | bf16 F.linear (unquantized)
    6144x4096   1 |    16.3       17.8   |   13.8
    4096x4096   1 |    12.0       11.9   |   10.1
@@ -35,7 +35,7 @@ On an 8B model's linears the kernel beats dequantizing up to M ~ 256-1024 and lo
 TRITON_MAX_M = 256.
 
 CPU: us per call, threads=2, AMD EPYC (AVX512-BF16, VNNI), torch 2.13, G = 64, through the module
-(`python -m tests.test_weight_only_linear cpu`); dynamic int8 is for comparison only: it quantizes x (W8A8).
+(`python bench/weight_only_linear.py cpu`); dynamic int8 is for comparison only: it quantizes x (W8A8).
   [N x K]    M | fp32 F.linear  dyn int8 | W4 bf16  W8 bf16 | W4 fp32  W8 fp32
   1536x576   1 |       69          29    |    38       38   |    86       87
   1536x576  16 |      250          68    |   156      146   |   287      271
@@ -47,11 +47,12 @@ CPU: us per call, threads=2, AMD EPYC (AVX512-BF16, VNNI), torch 2.13, G = 64, t
   3072x576  16 |      509         103    |   232      238   |   593      574
 The packed kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are fast for bfloat16 inputs
 only (float32 / float16 ones take a reference loop, 8-20x slower than float32 F.linear) and cost about M
-times their M=1 time, so bfloat16 uses them for M <= CPU_PACKED_MAX_M and a cached bfloat16 dequantized
-weight above that (oneDNN's bf16 GEMM is 1.1-2.5x faster there). float32 and float16 inputs use a cached
-float32 dequantized weight and F.linear: no exact weight-only option beats float32 F.linear for them. So
-on CPU a weight-only model gains speed only in bfloat16; in float32 it runs at float32 speed (plus ~15 us
-of Python per call), with float weights cached beside the quantized ones.
+times their M=1 time, so they serve M <= CPU_PACKED_MAX_M and a cached bfloat16 dequantized weight serves
+larger M (oneDNN's bf16 GEMM is 1.1-2.5x faster there). On CPUs with bf16 units (`cpu_compute_dtype`)
+every input takes these bf16 paths, also in a float32 model: W4A16/W8A16 mean 16-bit inputs, and decode
+is bound by the bytes of weight read per token (a float32 SmolLM2 step reads ~540 MB), which only the
+packed kernels cut. Elsewhere a cached float32 dequantized weight and F.linear run it exactly, at float32
+speed.
 
 Caches (CPU only; CUDA reads the buffers as they are, so CUDA graphs see no lazy work) are built on first
 use and keyed on the data pointer and version counter of `weight`, `weight_scale`, `prequant_scale`, so a
@@ -82,6 +83,13 @@ class GemmTiles(NamedTuple):
     block_k: int  # at most the int4 scale group
     num_warps: int
     num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_compute_dtype() -> torch.dtype:
+    """bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 # ---- the formats ----------------------------------------------------------------------------
@@ -296,9 +304,11 @@ class WeightOnlyLinear(nn.Module):
         return F.linear(x2, self.dense_weight(x2.dtype))
 
     def _cpu_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.dtype == torch.bfloat16 and 1 <= x2.shape[0] <= CPU_PACKED_MAX_M and self._cpu_packed_ok():
-            return self._cpu_packed_mm(x2)
-        dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32  # CPU float16 GEMMs are slow
+        # W4A16 / W8A16 take 16-bit inputs: on CPUs with bf16 units every input computes in bf16 (a float32
+        # model keeps float32 everywhere else), elsewhere in float32 (CPU float16 GEMMs are slow)
+        dtype = cpu_compute_dtype()
+        if dtype == torch.bfloat16 and 1 <= x2.shape[0] <= CPU_PACKED_MAX_M and self._cpu_packed_ok():
+            return self._cpu_packed_mm(x2.to(dtype)).to(x2.dtype)
         weight = self._cached(f"dense-{dtype}", lambda: self.dense_weight(dtype))
         return F.linear(x2.to(dtype), weight).to(x2.dtype)
 
