@@ -113,15 +113,14 @@ def checkpoint_tensors(tensors):
 
 
 def _fused_gate_up(mlp: str, parts: dict[str, torch.Tensor]):
-    fc, gate = parts[f"fc.{names.PREQUANT_SCALE}"].float(), parts[f"gate.{names.PREQUANT_SCALE}"].float()
-    if not torch.allclose(fc, gate, rtol=1e-3):
-        raise ValueError(f"{mlp}: mlp.fc and mlp.gate are smoothed differently; llmserve runs them as one GEMM "
-                         f"and needs one prequant_scaling_factor for both")
+    from llmserve.quantization.native import shared_prequant
+
+    prequant = shared_prequant(mlp, parts, "smoothed")
     yield f"{mlp}.gate_up.weight", torch.cat([parts["fc.weight"], parts["gate.weight"]])
     yield f"{mlp}.gate_up.weight_scale", torch.cat([parts[f"fc.{names.WEIGHT_SCALE}"], parts[f"gate.{names.WEIGHT_SCALE}"]])
     yield f"{mlp}.gate_up.input_scale", torch.maximum(parts[f"fc.{names.INPUT_SCALE}"].float(),
                                                       parts[f"gate.{names.INPUT_SCALE}"].float())
-    yield f"{mlp}.gate_up.prequant_scale", fc
+    yield f"{mlp}.gate_up.prequant_scale", prequant
 
 
 @torch.no_grad()

@@ -60,3 +60,13 @@ def native_tensors(tensors: Tensors, quant_algo: str,
             continue
         yield (f"{prefix}.{NATIVE_SCALE_NAMES[leaf]}", tensor) if leaf in NATIVE_SCALE_NAMES else (name, tensor)
     assert not pending, f"{quant_algo} gate/up tensors incomplete for {sorted(pending)}"
+
+
+def shared_prequant(mlp: str, parts: dict[str, torch.Tensor], scaling: str) -> torch.Tensor:
+    """The one prequant scale (float32) of a layer's `mlp.fc` and `mlp.gate`, which the native runtime runs
+    as one GEMM; ValueError when the checkpoint scaled them differently (`scaling`: "smoothed", ...)."""
+    fc, gate = parts[f"fc.{names.PREQUANT_SCALE}"].float(), parts[f"gate.{names.PREQUANT_SCALE}"].float()
+    if not torch.allclose(fc, gate, rtol=1e-3):
+        raise ValueError(f"{mlp}: mlp.fc and mlp.gate are {scaling} differently; llmserve runs them as one GEMM "
+                         f"and needs one prequant_scaling_factor for both")
+    return fc

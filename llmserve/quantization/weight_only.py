@@ -208,14 +208,13 @@ def _int8_quantized(tensors):
 
 
 def _fused_awq_gate_up(mlp: str, parts: dict[str, torch.Tensor]):
-    fc, gate = parts[f"fc.{names.PREQUANT_SCALE}"].float(), parts[f"gate.{names.PREQUANT_SCALE}"].float()
-    if not torch.allclose(fc, gate, rtol=1e-3):
-        raise ValueError(f"{mlp}: mlp.fc and mlp.gate are AWQ-scaled differently; llmserve runs them as one "
-                         f"GEMM and needs one prequant_scaling_factor for both")
+    from llmserve.quantization.native import shared_prequant
+
+    prequant = shared_prequant(mlp, parts, "AWQ-scaled")
     yield f"{mlp}.gate_up.weight", torch.cat([parts["fc.weight"], parts["gate.weight"]])
     yield f"{mlp}.gate_up.weight_scale", torch.cat([parts[f"fc.{names.WEIGHT_SCALE}"],
                                                     parts[f"gate.{names.WEIGHT_SCALE}"]]).float()
-    yield f"{mlp}.gate_up.prequant_scale", fc
+    yield f"{mlp}.gate_up.prequant_scale", prequant
 
 
 @torch.no_grad()
