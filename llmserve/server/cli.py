@@ -151,6 +151,7 @@ def _use_fast_cpu_default(args: argparse.Namespace) -> None:
     exact weights."""
     if not uses_fast_cpu_default(args):
         return
+    _server_config(args, None)  # bad serve flags are refused before any conversion
     from llmserve.checkpoint.pull import CHECKPOINTS_DIR, COMPLETE_MARKER, DEFAULT_MODEL_NAME, pull_default_model
     from llmserve.quantization.schemes import convert_quantized
 
