@@ -46,7 +46,7 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
     model = model.to_empty(device=device).to(DTYPES[dtype])
     model.transformer.rotary = RotaryEmbedding(config).to(device)  # tables stay float32
     if config.quant_algo is not None:
-        from llmserve.quantization.native import scheme
+        from llmserve.quantization.runtime import scheme
 
         scheme(config.quant_algo).use_linears(model)
     return model.eval()
@@ -55,7 +55,7 @@ def build_model(config: ModelConfig, device: str | torch.device, dtype: str,
 def load_tensors(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint tensors into `model`, quantized ones under the native modules' names."""
     if model.config.quant_algo is not None:
-        from llmserve.quantization.native import scheme
+        from llmserve.quantization.runtime import scheme
 
         tensors = scheme(model.config.quant_algo).checkpoint_tensors(tensors)
     model.load_weights(tensors)

@@ -18,21 +18,6 @@ NATIVE_SCALE_NAMES = {names.WEIGHT_SCALE: "weight_scale", names.INPUT_SCALE: "in
 Tensors = Iterable[tuple[str, torch.Tensor]]
 
 
-def scheme(quant_algo: str):
-    """The module running one `quant_algo` natively: its `use_linears(model)` swaps the decoder's linears,
-    its `checkpoint_tensors(tensors)` renames a checkpoint's tensors for them."""
-    if quant_algo == "FP8":
-        from llmserve.quantization import fp8
-        return fp8
-    if quant_algo == "W8A8_SQ_PER_CHANNEL":
-        from llmserve.quantization import int8_sq
-        return int8_sq
-    if quant_algo in ("W8A16", "W4A16_AWQ"):
-        from llmserve.quantization.weight_only import NativeScheme
-        return NativeScheme(quant_algo)
-    raise ValueError(f"quant_algo {quant_algo} has no native runtime")
-
-
 def replace_linears(model: nn.Module, make: Callable[[int, str, nn.Module], nn.Module]) -> None:
     """Replace each decoder layer's linear at `NATIVE_LINEARS` by `make(layer index, path, linear)`."""
     for i, layer in enumerate(model.transformer.layers):

@@ -57,3 +57,4 @@ def convert_quantized(src_dir: str | Path, out_dir: str | Path, quantization: st
     return convert_checkpoint(src_dir, out_dir, progress=progress, **convert_args,
                               quantizer_for=quantizer_factory(quantization, calibration, smoothquant_alpha, progress,
                                                               group_size))
+

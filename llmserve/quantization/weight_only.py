@@ -165,7 +165,7 @@ class AwqQuantizer:
 
 # ---- loading into the native model ---------------------------------------------------------
 class NativeScheme:
-    """`native.scheme(quant_algo)` for W8A16 and W4A16_AWQ."""
+    """`runtime.scheme(quant_algo)` for W8A16 and W4A16_AWQ."""
 
     def __init__(self, quant_algo: str):
         self.quant_algo = quant_algo
