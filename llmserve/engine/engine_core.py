@@ -125,7 +125,8 @@ class EngineCore:
         return ModelInfo(
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=list(self.model_config.eos_token_id), device=device.device, dtype=device.dtype,
-            quantization=device.quantization or self.model_config.quant_algo, kv_cache_dtype=str(kv_cache_dtype(cache, device)).replace("torch.", ""),
+            quantization=device.quantization or self.model_config.quant_algo,
+            kv_cache_dtype=str(kv_cache_dtype(cache, device)).replace("torch.", ""),
             num_kv_blocks=num_blocks, block_size=cache.block_size,
             max_num_seqs=self.config.scheduler.max_num_seqs, tokenizer_path=tokenizer_path)
 
