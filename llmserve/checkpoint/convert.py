@@ -117,6 +117,17 @@ def split_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelCo
     return torch.cat(parts, dim=0)
 
 
+def split_output_rows(tensor: torch.Tensor, linear: str, config: ModelConfig, tp_size: int,
+                      tp_rank: int) -> torch.Tensor:
+    """Rank `tp_rank`'s output rows of a whole column-parallel linear's tensor (a weight, or per-row
+    scales): `attention.qkv`'s [q; k; v] rows go through `split_qkv`."""
+    if linear != "attention.qkv":
+        return split_column(tensor, tp_size, tp_rank)
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    return split_qkv(*tensor.split([q_rows, kv_rows, kv_rows]), config, tp_size, tp_rank)
+
+
 def pad_and_split_lm_head(weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Rank `tp_rank`'s rows of `weight` zero-padded to ceil(V / tp) * tp rows."""
     vocab_size = weight.shape[0]

@@ -52,15 +52,11 @@ class SmoothQuantizer:
         self._quantized: dict[str, dict[str, torch.Tensor]] = {}
 
     def rank_linear(self, get, layer: int, local: int, linear: str, mapping, rank: int):
-        from llmserve.checkpoint.convert import split_column, split_qkv, split_row
+        from llmserve.checkpoint.convert import split_column, split_output_rows, split_row
 
         tensors = self._whole_layer(get, layer)[linear]
         tp, tp_rank = mapping.tp_size, mapping.tp_rank(rank)
-        if linear == "attention.qkv":
-            q, k, v = self._qkv_sizes()
-            column = lambda t: split_qkv(*t.split([q, k, v]), self.config, tp, tp_rank)  # noqa: E731
-        else:
-            column = lambda t: split_column(t, tp, tp_rank)  # noqa: E731
+        column = lambda t: split_output_rows(t, linear, self.config, tp, tp_rank)  # noqa: E731
         row_layer = linear in names.ROW_PARALLEL_LINEARS
         weight = split_row(tensors["weight"], tp, tp_rank) if row_layer else column(tensors["weight"])
         yield names.trt_layer(local, f"{linear}.weight"), weight.contiguous()
@@ -70,10 +66,6 @@ class SmoothQuantizer:
                                          else tensors[names.PREQUANT_SCALE]).to(self.dtype)}
         for suffix in names.quant_scale_suffixes(linear, ALGO):
             yield names.trt_layer(local, suffix), scales[suffix.rpartition(".")[2]].contiguous().clone()
-
-    def _qkv_sizes(self) -> tuple[int, int, int]:
-        c = self.config
-        return c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim
 
     def _whole_layer(self, get, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         if self._layer != layer:

@@ -119,29 +119,20 @@ class AwqQuantizer:
         self._quantized: dict[str, dict[str, torch.Tensor]] = {}
 
     def rank_linear(self, get, layer: int, local: int, linear: str, mapping, rank: int):
-        from llmserve.checkpoint.convert import split_column, split_qkv, split_row
+        from llmserve.checkpoint.convert import split_column, split_output_rows, split_row
         from llmserve.ops.weight_only_linear import pack_int4
 
-        check_group_size(self.config, self.group_size, mapping.tp_size)
         whole = self._whole_layer(get, layer)[linear]
         tp, tp_rank = mapping.tp_size, mapping.tp_rank(rank)
         if linear in names.ROW_PARALLEL_LINEARS:  # inputs split: values and scale columns, prequant
             values, scale = split_row(whole["values"], tp, tp_rank), split_row(whole["scale"], tp, tp_rank)
             prequant = split_column(whole["prequant"], tp, tp_rank)
         else:  # output rows split; every rank sees the whole input
-            rows = self._column_split(linear, tp, tp_rank, split_column, split_qkv)
+            rows = lambda t: split_output_rows(t, linear, self.config, tp, tp_rank)  # noqa: E731
             values, scale, prequant = rows(whole["values"]), rows(whole["scale"]), whole["prequant"]
         yield names.trt_layer(local, f"{linear}.weight"), pack_int4(values.contiguous())
         yield names.trt_layer(local, f"{linear}.{names.WEIGHT_SCALE}"), scale.to(self.dtype, copy=True).contiguous()
         yield names.trt_layer(local, f"{linear}.{names.PREQUANT_SCALE}"), prequant.to(self.dtype, copy=True).contiguous()
-
-    def _column_split(self, linear, tp, tp_rank, split_column, split_qkv):
-        if linear != "attention.qkv":
-            return lambda t: split_column(t, tp, tp_rank)
-        c = self.config
-        sizes = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
-                 c.num_key_value_heads * c.head_dim]
-        return lambda t: split_qkv(*t.split(sizes), c, tp, tp_rank)
 
     def _whole_layer(self, get, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         if self._layer != layer:
@@ -232,11 +223,14 @@ def quantize_native_weight_only(model: torch.nn.Module, bits: int, group_size: i
             values, scale = quantize_int8_per_channel(linear.weight)
             module.weight.copy_(values)
         else:
-            amax = input_amax[f"transformer.layers.{i}.{path}"] if input_amax else torch.ones(linear.in_features)
-            quantized = awq_quantize(linear.weight, amax.to(linear.weight.device), group_size)
-            module.weight.copy_(pack_int4(quantized["values"]))
-            module.prequant_scale.copy_(quantized["prequant"])
-            scale = quantized["scale"]
+            if input_amax:
+                amax = input_amax[f"transformer.layers.{i}.{path}"].to(linear.weight.device)
+                quantized = awq_quantize(linear.weight, amax, group_size)
+                values, scale = quantized["values"], quantized["scale"]
+                module.prequant_scale.copy_(quantized["prequant"])
+            else:  # no statistics: plain round-to-nearest (prequant stays 1)
+                values, scale = quantize_int4_groups(linear.weight, group_size)
+            module.weight.copy_(pack_int4(values))
         module.weight_scale.copy_(scale)
         return module
     replace_linears(model, make)
